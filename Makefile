@@ -1,0 +1,50 @@
+# Two commands do everything on a fresh machine with Python 3.11 and make:
+#   make demo   - the full flow against a generated local NOAA mirror
+#   make test   - the test suite
+# Both create .venv from uv.lock first (uv itself is installed into .tools/ by pip).
+
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+PY := $(VENV)/bin/python
+export DAGSTER_HOME := $(CURDIR)/.dagster_home
+export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
+
+.PHONY: install demo test test-fast bench dev clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.installed: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --group dev --python $(PYTHON)
+	@touch $@
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	@mkdir -p $(DAGSTER_HOME)
+	@ln -sf ../dagster.yaml $@
+
+install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml  ## create .venv from the lock file
+
+demo: install  ## generate a mirror, serve it, ingest through Dagster, print a summary
+	$(VENV)/bin/weather-pipeline demo
+
+test: install  ## the whole test suite (slow end-to-end tests included)
+	$(PY) -m pytest
+
+test-fast: install  ## the tests not marked slow
+	$(PY) -m pytest -m "not slow"
+
+bench: install  ## benchmarks; figures go to docs/benchmarks.md
+	$(PY) -m weather_pipeline.bench --write docs/benchmarks.md
+
+dev: install  ## the Dagster UI and daemon on http://127.0.0.1:3000 against the demo mirror
+	$(VENV)/bin/weather-pipeline dev
+
+clean:  ## remove generated data (cache, mirror, Dagster storage); keeps .venv
+	rm -rf cache mirror .dagster_home

@@ -1,0 +1,204 @@
+"""IngestGrib: fetch one forecast hour's variables as GRIB2 subsets into the cache.
+
+For each variable the `.idx` says which messages to fetch; messages that sit next to each
+other (for any variable) are fetched in one Range request. Every message is checked whole
+(framing and an eccodes decode) before anything is written, and each variable's file is
+written atomically, so the cache never holds a partial subset. When a source has the GRIB
+but no `.idx`, the whole file is downloaded once and indexed locally with eccodes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from typing import Callable, Sequence
+
+from weather_pipeline.core import grib
+from weather_pipeline.core.cache import CacheLayout, atomic_write_bytes, md5_bytes
+from weather_pipeline.core.catalog import Catalog, Model, Variable, load_catalog
+from weather_pipeline.core.http import FetchError, HttpClient, NotFound
+from weather_pipeline.core.idx import ByteRange, IdxEntry, find_one, parse_idx, ranges_for
+from weather_pipeline.core.sources import SourceChoice, SourceSettings, candidate_sources
+
+log = logging.getLogger(__name__)
+
+
+class HourNotPublished(LookupError):
+    """No source has this forecast hour (yet); nothing was written."""
+
+
+@dataclass
+class VariableResult:
+    variable: str
+    path: str
+    md5: str
+    bytes: int
+    messages: list[str]  # inventory message numbers, e.g. ["71"]
+    description: str  # "TMP:2 m above ground:5 hour fcst"
+
+
+@dataclass
+class IngestReport:
+    model: str
+    run: str
+    hour: int
+    source: str
+    url: str
+    index: str  # "remote .idx" or "built locally (no .idx on the source)"
+    variables: list[VariableResult] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # variable -> why (e.g. not at f000)
+    requests: int = 0  # every HTTP request, .idx and retries included
+    grib_requests: int = 0  # Range requests for message bytes (first attempts)
+    message_groups: int = 0  # contiguous groups of wanted messages
+    bytes_fetched: int = 0  # every byte received, retries and .idx included
+    message_bytes: int = 0  # bytes of the wanted messages themselves
+    file_bytes: int | None = None  # size of the whole source file, when known
+    retries: int = 0
+    duration_s: float = 0.0
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _plan(model: Model, variables: Sequence[Variable], entries: list[IdxEntry], hour: int, source: str):
+    wanted: dict[str, list[IdxEntry]] = {}
+    skipped: dict[str, str] = {}
+    for var in variables:
+        if not var.present_at(hour):
+            skipped[var.name] = f"{model.name} publishes {var.name} from hour {var.first_hour}"
+            continue
+        wanted[var.name] = find_one(entries, var.pattern, source=source)
+    return wanted, skipped
+
+
+def _slice(body: bytes, group: ByteRange, entry: IdxEntry) -> bytes:
+    lo = entry.start - group.start
+    hi = len(body) if entry.end is None else entry.end - group.start + 1
+    return body[lo:hi]
+
+
+def _in_group(entry: IdxEntry, group: ByteRange) -> bool:
+    return entry.start >= group.start and (group.end is None or entry.start <= group.end)
+
+
+def ingest_hour(
+    model_name: str,
+    run: str,
+    hour: int,
+    *,
+    cache: CacheLayout,
+    client: HttpClient,
+    settings: SourceSettings,
+    variables: Sequence[str] | None = None,
+    allow_full_download: bool = True,
+    catalog: Catalog | None = None,
+    now: datetime | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> IngestReport:
+    """Fetch one forecast hour of one model run into the cache; see the module docstring."""
+    t0 = time.monotonic()
+    catalog = catalog or load_catalog()
+    model = catalog.model(model_name)
+    run_time = model.validate_run(run)
+    model.validate_hour(run, hour)
+    selected = model.select_variables(list(variables) if variables else None)
+    stats_before = (client.stats.requests, client.stats.bytes, client.stats.retries)
+    say = progress or (lambda msg: None)
+
+    tried: list[str] = []
+    for choice in candidate_sources(model, run_time, settings, catalog=catalog, now=now):
+        url = choice.url(model, run_time, hour)
+        try:
+            report = _ingest_from(model, run, hour, url, choice, selected, cache, client, allow_full_download, say)
+        except NotFound as exc:
+            tried.append(f"{choice.source} ({exc.url}: not found)")
+            continue
+        report.requests = client.stats.requests - stats_before[0]
+        report.bytes_fetched = client.stats.bytes - stats_before[1]
+        report.retries = client.stats.retries - stats_before[2]
+        report.duration_s = round(time.monotonic() - t0, 3)
+        return report
+    raise HourNotPublished(f"{model.name} run {run} hour {hour} is not published on any source: {'; '.join(tried)}")
+
+
+def _ingest_from(
+    model: Model,
+    run: str,
+    hour: int,
+    url: str,
+    choice: SourceChoice,
+    selected: Sequence[Variable],
+    cache: CacheLayout,
+    client: HttpClient,
+    allow_full_download: bool,
+    say: Callable[[str], None],
+) -> IngestReport:
+    idx_url = url + ".idx"
+    try:
+        idx_text = client.get_text(idx_url)
+        whole: bytes | None = None
+        index_kind = "remote .idx"
+    except NotFound:
+        # No inventory: if the GRIB itself is there, take it whole and index it ourselves.
+        if not allow_full_download:
+            raise
+        if not client.exists(url):
+            raise
+        say(f"{model.name} {run} f{hour:03d}: no .idx on {choice.source}; downloading the whole file")
+        scratch = cache.scratch_file(".grib2")
+        try:
+            client.download(url, scratch)
+            whole = scratch.read_bytes()
+        finally:
+            scratch.unlink(missing_ok=True)
+        idx_text = grib.build_index(whole)
+        index_kind = "built locally (no .idx on the source)"
+
+    entries = parse_idx(idx_text, source=idx_url, file_size=len(whole) if whole is not None else None)
+    wanted, skipped = _plan(model, selected, entries, hour, idx_url)
+    all_entries = [e for es in wanted.values() for e in es]
+    groups = ranges_for(all_entries)
+    report = IngestReport(
+        model=model.name, run=run, hour=hour, source=choice.source, url=url, index=index_kind,
+        skipped=skipped, message_groups=len(groups), file_bytes=len(whole) if whole is not None else None,
+    )
+
+    # Fetch each contiguous group once; verify every message in it before keeping it.
+    bodies: dict[ByteRange, bytes] = {}
+    for group in groups:
+        n_messages = len({e.start for e in all_entries if _in_group(e, group)})
+        check = lambda data, n=n_messages: grib.verify_messages(data, source=f"{url} [{group.header}]", expected=n)  # noqa: E731
+        if whole is not None:
+            end = len(whole) if group.end is None else group.end + 1
+            body = whole[group.start:end]
+            check(body)
+        else:
+            body = client.get_bytes(url, group, validate=check)
+            report.grib_requests += 1
+        bodies[group] = body
+
+    # Split into per-variable files; write each atomically.
+    for var_name, var_entries in wanted.items():
+        parts = []
+        for entry in var_entries:
+            group = next(g for g in groups if _in_group(entry, g))
+            parts.append(_slice(bodies[group], group, entry))
+        data = b"".join(parts)
+        grib.verify_messages(data, source=f"{url} ({var_name})", expected=len({e.start for e in var_entries}))
+        path = cache.grib_path(model.name, run, var_name, hour)
+        atomic_write_bytes(path, data)
+        report.message_bytes += len(data)
+        report.variables.append(
+            VariableResult(
+                variable=var_name, path=str(path), md5=md5_bytes(data), bytes=len(data),
+                messages=[e.msg for e in var_entries], description=var_entries[0].description,
+            )
+        )
+    say(f"{model.name} {run} f{hour:03d}: {len(report.variables)} variables from {choice.source}")
+    return report
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)

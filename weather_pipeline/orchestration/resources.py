@@ -1,0 +1,86 @@
+"""Dagster resources: the cache root and the NOAA sources, configured from the environment.
+
+| variable                       | default       | meaning                                    |
+|--------------------------------|---------------|--------------------------------------------|
+| WEATHER_PIPELINE_CACHE         | ./cache       | cache root (nothing is written outside it) |
+| WEATHER_PIPELINE_SOURCES       | aws,nomads    | sources in order of preference             |
+| WEATHER_PIPELINE_MIRROR_URL    | (none)        | base URL of `weather-pipeline mirror serve`|
+| WEATHER_PIPELINE_RATE_LIMITS   | (none)        | extra per-host limits, "host=rpm,..."      |
+| WEATHER_PIPELINE_RATE_LIMIT_DB | $TMPDIR/...   | the machine-wide rate-limit bucket         |
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dagster import ConfigurableResource
+
+from weather_pipeline.core.cache import CacheLayout
+from weather_pipeline.core.catalog import CatalogError
+from weather_pipeline.core.http import HttpClient, HttpConfig, RetryPolicy
+from weather_pipeline.core.sources import SourceSettings, rate_limits
+
+
+class CacheResource(ConfigurableResource):
+    """Where the cache lives."""
+
+    root: str = "cache"
+
+    def layout(self) -> CacheLayout:
+        return CacheLayout(Path(self.root))
+
+
+class NoaaSourceResource(ConfigurableResource):
+    """Which NOAA sources to read, and how politely."""
+
+    sources: str = "aws,nomads"
+    mirror_url: str = ""
+    connect_timeout: float = 10.0
+    read_timeout: float = 60.0
+    max_attempts: int = 5
+    initial_backoff: float = 1.0
+    extra_rate_limits: str = ""
+    rate_limit_db: str = ""
+    allow_full_download: bool = True
+
+    def source_settings(self) -> SourceSettings:
+        return SourceSettings.parse(self.sources, self.mirror_url or None)
+
+    def http_config(self) -> HttpConfig:
+        settings = self.source_settings()
+        base = HttpConfig()
+        return HttpConfig(
+            connect_timeout=self.connect_timeout,
+            read_timeout=self.read_timeout,
+            retry=RetryPolicy(max_attempts=self.max_attempts, initial_wait=self.initial_backoff),
+            rate_limits=rate_limits(settings, extra=parse_rate_limits(self.extra_rate_limits)),
+            rate_limit_db=Path(self.rate_limit_db) if self.rate_limit_db else base.rate_limit_db,
+        )
+
+    def client(self) -> HttpClient:
+        return HttpClient(self.http_config())
+
+
+def parse_rate_limits(spec: str) -> dict[str, int]:
+    """"127.0.0.1=600,example.org=60" -> {"127.0.0.1": 600, "example.org": 60}."""
+    limits: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        host, _, rpm = part.partition("=")
+        if not host or not rpm.isdigit() or int(rpm) < 1:
+            raise CatalogError(f"bad rate limit {part!r}: expected HOST=REQUESTS_PER_MINUTE")
+        limits[host] = int(rpm)
+    return limits
+
+
+def resources_from_env(env: dict[str, str] | None = None) -> dict[str, ConfigurableResource]:
+    env = dict(os.environ if env is None else env)
+    return {
+        "cache": CacheResource(root=env.get("WEATHER_PIPELINE_CACHE", "cache")),
+        "noaa": NoaaSourceResource(
+            sources=env.get("WEATHER_PIPELINE_SOURCES", "aws,nomads"),
+            mirror_url=env.get("WEATHER_PIPELINE_MIRROR_URL", ""),
+            extra_rate_limits=env.get("WEATHER_PIPELINE_RATE_LIMITS", ""),
+            rate_limit_db=env.get("WEATHER_PIPELINE_RATE_LIMIT_DB", ""),
+        ),
+    }

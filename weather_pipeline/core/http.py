@@ -12,7 +12,6 @@ Libraries, and why:
 from __future__ import annotations
 
 import logging
-import os
 import random
 import re
 import tempfile
@@ -74,8 +73,9 @@ class HttpConfig:
     connect_timeout: float = 10.0
     read_timeout: float = 60.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
-    #: requests per minute, by host name; hosts not named are not limited.
+    #: requests per window (a minute by default), by host name; hosts not named are not limited.
     rate_limits: Mapping[str, int] = field(default_factory=dict)
+    rate_window_s: float = 60.0
     #: where the shared rate-limit bucket lives; machine-wide by default on purpose.
     rate_limit_db: Path = field(
         default_factory=lambda: Path(tempfile.gettempdir()) / "weather-pipeline-ratelimit.sqlite"
@@ -116,16 +116,17 @@ def _parse_retry_after(value: str | None) -> float | None:
 class _HostLimiter:
     """A per-host sliding-window limiter shared across processes through one SQLite file."""
 
-    _cache: dict[tuple[str, str, int], "_HostLimiter"] = {}
+    _cache: dict[tuple[str, str, int, float], "_HostLimiter"] = {}
     _cache_lock = threading.Lock()
 
-    def __init__(self, db_path: Path, host: str, per_minute: int):
+    def __init__(self, db_path: Path, host: str, limit: int, window_s: float):
         from pyrate_limiter import Duration, Limiter, Rate, SQLiteBucket
 
         db_path.parent.mkdir(parents=True, exist_ok=True)
-        table = "rl_" + re.sub(r"[^A-Za-z0-9]", "_", host)
+        # One table per host and window, so a test's short window never mixes with real limits.
+        table = "rl_" + re.sub(r"[^A-Za-z0-9]", "_", f"{host}_{limit}_{window_s:g}")
         bucket = SQLiteBucket.init_from_file(
-            [Rate(per_minute, Duration.MINUTE)], table=table, db_path=str(db_path), use_file_lock=True
+            [Rate(limit, int(window_s * 1000))], table=table, db_path=str(db_path), use_file_lock=True
         )
         # Block (sleep) until a slot is free, for up to 10 minutes; never drop a request.
         self._limiter = Limiter(
@@ -134,11 +135,11 @@ class _HostLimiter:
         self.host = host
 
     @classmethod
-    def get(cls, db_path: Path, host: str, per_minute: int) -> "_HostLimiter":
-        key = (str(db_path), host, per_minute)
+    def get(cls, db_path: Path, host: str, limit: int, window_s: float) -> "_HostLimiter":
+        key = (str(db_path), host, limit, window_s)
         with cls._cache_lock:
             if key not in cls._cache:
-                cls._cache[key] = cls(db_path, host, per_minute)
+                cls._cache[key] = cls(db_path, host, limit, window_s)
             return cls._cache[key]
 
     def acquire(self) -> float:
@@ -208,7 +209,7 @@ class HttpClient:
         limit = self.config.rate_limits.get(host)
         waited = 0.0
         if limit:
-            waited = _HostLimiter.get(self.config.rate_limit_db, host, int(limit)).acquire()
+            waited = _HostLimiter.get(self.config.rate_limit_db, host, int(limit), self.config.rate_window_s).acquire()
         self.stats.add(requests=1, waited=waited)
 
     def _timeouts(self) -> tuple[float, float]:
@@ -257,9 +258,7 @@ class HttpClient:
     def _read_body(self, url: str, resp: requests.Response, expected: int | None) -> bytes:
         try:
             body = resp.raw.read(decode_content=False) if expected is None else _read_exactly(resp, expected)
-        except (requests.RequestException, OSError, Exception) as exc:  # urllib3 ProtocolError etc.
-            if isinstance(exc, (TransientError,)):
-                raise
+        except Exception as exc:  # urllib3's ProtocolError, socket errors, timeouts mid-body
             raise TransientError(url, f"body interrupted: {exc.__class__.__name__}: {exc}") from None
         finally:
             resp.close()
@@ -387,6 +386,3 @@ def _read_exactly(resp: requests.Response, n: int) -> bytes:
             break
     return bytes(buf)
 
-
-def default_rate_limit_db() -> Path:
-    return Path(os.environ.get("WEATHER_PIPELINE_RATE_LIMIT_DB") or HttpConfig().rate_limit_db)

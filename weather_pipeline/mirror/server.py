@@ -180,7 +180,10 @@ class FaultRule:
             raise ValueError("keep_bytes must be a non-negative integer or None (half)")
         if not _is_int(self.count) or self.count < 1:
             raise ValueError("count must be a positive integer")
-        if isinstance(self.seconds, bool) or not isinstance(self.seconds, (int, float)) or self.seconds < 0:
+        seconds_is_number = isinstance(self.seconds, (int, float)) and not isinstance(
+            self.seconds, bool
+        )
+        if not seconds_is_number or self.seconds < 0:
             raise ValueError("seconds must be a non-negative number")
 
     @property
@@ -395,6 +398,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     server: _HTTPServer
 
+    def version_string(self) -> str:
+        return self.server_version  # no "Python/3.x" suffix (or trailing space)
+
     # -- connection bookkeeping ------------------------------------------
 
     def setup(self) -> None:
@@ -480,7 +486,9 @@ class _Handler(BaseHTTPRequestHandler):
             # We never read a request body here, so drop the connection rather
             # than parse the body as the next request.
             self.close_connection = True
-            response = _error_response(405, "MethodNotAllowed", "The specified method is not allowed.", key)
+            response = _error_response(
+                405, "MethodNotAllowed", "The specified method is not allowed.", key
+            )
             response.headers.append(("Allow", "GET, HEAD"))
             self._send(response)
             return None
@@ -515,8 +523,9 @@ class _Handler(BaseHTTPRequestHandler):
             return _error_response(404, "NoSuchKey", "The specified key does not exist.", key)
         try:
             st = os.fstat(handle.fileno())
-            if not stat.S_ISREG(st.st_mode):
-                raise IsADirectoryError(path)
+            if not stat.S_ISREG(st.st_mode):  # replaced by a directory since resolving
+                handle.close()
+                return _error_response(404, "NoSuchKey", "The specified key does not exist.", key)
             size = st.st_size
             etag = _etag(st)
             last_modified = email.utils.formatdate(st.st_mtime, usegmt=True)
@@ -574,7 +583,9 @@ class _Handler(BaseHTTPRequestHandler):
                 "<StorageClass>STANDARD</StorageClass></Contents>"
             )
         for common_prefix in common:
-            parts.append(f"<CommonPrefixes><Prefix>{escape(common_prefix)}</Prefix></CommonPrefixes>")
+            parts.append(
+                f"<CommonPrefixes><Prefix>{escape(common_prefix)}</Prefix></CommonPrefixes>"
+            )
         parts.append("</ListBucketResult>")
         body = "".join(parts).encode("utf-8")
         return _Response(200, [("Content-Type", "application/xml")], body=body)
@@ -599,7 +610,8 @@ class _Handler(BaseHTTPRequestHandler):
                 injected.headers.append(("Retry-After", fault.retry_after))
             self._send(injected)
         elif fault.mode == "redirect":
-            target = urlsplit(self.path).path + "?" + (f"{query}&" if query else "") + "redirected=1"
+            new_query = f"{query}&redirected=1" if query else "redirected=1"
+            target = f"{urlsplit(self.path).path}?{new_query}"
             host = self.headers.get("Host")
             base = f"http://{host}" if host else self.server.mirror.url
             self._send(_Response(302, [("Location", base + target)]))

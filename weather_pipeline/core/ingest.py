@@ -53,6 +53,7 @@ class IngestReport:
     grib_requests: int = 0  # Range requests for message bytes (first attempts)
     message_groups: int = 0  # contiguous groups of wanted messages
     bytes_fetched: int = 0  # every byte received, retries and .idx included
+    index_bytes: int = 0  # size of the .idx (0 when built locally)
     message_bytes: int = 0  # bytes of the wanted messages themselves
     file_bytes: int | None = None  # size of the whole source file, when known
     retries: int = 0
@@ -163,6 +164,7 @@ def _ingest_from(
     report = IngestReport(
         model=model.name, run=run, hour=hour, source=choice.source, url=url, index=index_kind,
         skipped=skipped, message_groups=len(groups), file_bytes=len(whole) if whole is not None else None,
+        index_bytes=0 if whole is not None else len(idx_text.encode()),
     )
 
     # Fetch each contiguous group once; verify every message in it before keeping it.
@@ -184,9 +186,10 @@ def _ingest_from(
         parts = []
         for entry in var_entries:
             group = next(g for g in groups if _in_group(entry, g))
-            parts.append(_slice(bodies[group], group, entry))
+            part = _slice(bodies[group], group, entry)
+            # Keep exactly the framed messages: a stray byte NOAA left after one is not ours.
+            parts += [part[s.offset : s.offset + s.length] for s in grib.iter_message_spans(part, source=url)]
         data = b"".join(parts)
-        grib.verify_messages(data, source=f"{url} ({var_name})", expected=len({e.start for e in var_entries}))
         path = cache.grib_path(model.name, run, var_name, hour)
         atomic_write_bytes(path, data)
         report.message_bytes += len(data)

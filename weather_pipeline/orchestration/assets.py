@@ -1,10 +1,11 @@
 """Asset factories over the catalog: one GRIB asset per model (IngestGrib).
 
+(No `from __future__ import annotations` here: Dagster inspects the real context type.)
+
 A run of the asset may cover many partitions (single-run backfill policy): all the hours of
 one model run are fetched in one Dagster run, so process start-up is paid per batch.
 """
 
-from __future__ import annotations
 
 from collections import defaultdict
 
@@ -17,7 +18,7 @@ from dagster import (
     asset,
 )
 
-from weather_pipeline.core.catalog import Model
+from weather_pipeline.core.catalog import InvalidRequest, Model
 from weather_pipeline.core.ingest import IngestReport, ingest_hour
 from weather_pipeline.orchestration.partitions import model_partitions, parse_partition_key
 from weather_pipeline.orchestration.resources import CacheResource, NoaaSourceResource
@@ -63,8 +64,11 @@ def build_grib_asset(model: Model) -> AssetsDefinition:
     def _grib(context: AssetExecutionContext, cache: CacheResource, noaa: NoaaSourceResource) -> None:
         requested = [(key, *parse_partition_key(key)) for key in context.partition_keys]
         # Check every requested partition before fetching anything: a bad key names itself.
-        for _key, run, hour in requested:
-            model.validate_hour(run, hour)
+        try:
+            for _key, run, hour in requested:
+                model.validate_hour(run, hour)
+        except InvalidRequest as exc:
+            raise Failure(description=str(exc), allow_retries=False) from None
         layout = cache.layout()
         settings = noaa.source_settings()
         failures: dict[str, str] = {}

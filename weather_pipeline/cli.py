@@ -1,0 +1,169 @@
+"""`weather-pipeline`: the command line (demo, local mirror, inventories).
+
+Every command has --help. Errors in the input exit with status 2 and one line naming it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from weather_pipeline.core.catalog import CatalogError, InvalidRequest, load_catalog, parse_hours
+
+
+class UsageError(Exception):
+    """Bad input from the command line; printed as one line, exit status 2."""
+
+
+def _cmd_inventory(args: argparse.Namespace) -> int:
+    from weather_pipeline.core.http import FetchError, HttpClient
+    from weather_pipeline.core.idx import IdxError, parse_idx, search
+
+    target: str = args.path_or_url
+    try:
+        if target.startswith(("http://", "https://")):
+            with HttpClient() as client:
+                text = client.get_text(target)
+        else:
+            path = Path(target)
+            if not path.is_file():
+                raise UsageError(f"no such file: {target}")
+            head = path.open("rb").read(4)
+            if head == b"GRIB":
+                # A GRIB file rather than its .idx: index it locally, as the fallback does.
+                from weather_pipeline.core.grib import build_index
+
+                text = build_index(path.read_bytes())
+            else:
+                text = path.read_text(errors="replace")
+        entries = parse_idx(text, source=target)
+        if args.search:
+            entries = search(entries, args.search)
+    except (IdxError, FetchError) as exc:
+        raise UsageError(str(exc)) from None
+    if args.json:
+        json.dump([e.as_json() for e in entries], sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        for e in entries:
+            end = "" if e.end is None else str(e.end)
+            print(f"{e.msg:>6} {e.start:>12}-{end:<12} {e.variable}:{e.level}:{e.forecast}")
+        print(f"{len(entries)} message(s)", file=sys.stderr)
+    return 0
+
+
+def _cmd_mirror_generate(args: argparse.Namespace) -> int:
+    from weather_pipeline.mirror.generate import generate_run
+
+    model = load_catalog().model(args.model)
+    model.validate_run(args.run)
+    hours = parse_hours(args.hours)
+    for h in hours:
+        model.validate_hour(args.run, h)
+    root = Path(args.root)
+    paths = generate_run(root, args.model, args.run, hours, seed=args.seed, progress=lambda m: print(m, file=sys.stderr))
+    total = sum(p.stat().st_size for p in paths)
+    print(f"wrote {len(paths)} files ({total / 1e6:.1f} MB) under {root}")
+    return 0
+
+
+def _cmd_mirror_serve(args: argparse.Namespace) -> int:
+    from weather_pipeline.mirror.server import MirrorServer
+
+    root = Path(args.root)
+    if not root.is_dir():
+        raise UsageError(f"mirror root {root} is not a directory (run `weather-pipeline mirror generate` first)")
+    server = MirrorServer(root, host=args.host, port=args.port, verbose=args.verbose)
+    print(f"serving {root} at {server.url}  (export WEATHER_PIPELINE_MIRROR_URL={server.url})", flush=True)
+    server.serve_forever()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from weather_pipeline.demo import run_demo
+
+    return run_demo(
+        workdir=Path(args.workdir),
+        hrrr_hours=parse_hours(args.hrrr_hours),
+        gfs_hours=parse_hours(args.gfs_hours),
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="weather-pipeline",
+        description="Keep a live, verified cache of NOAA weather model data (HRRR, GFS) with Dagster.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log HTTP retries and other details")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "demo",
+        help="the full flow against a generated local NOAA mirror",
+        description="Generate a small local mirror (one HRRR and one GFS run), serve it on loopback, add "
+        "the run partitions and materialize the GRIB assets through Dagster on the project's "
+        "instance ($DAGSTER_HOME), then print a summary.",
+    )
+    p.add_argument("--workdir", default=".", help="where cache/ and mirror/ go (default: current directory)")
+    p.add_argument("--hrrr-hours", default="0-3", help="HRRR forecast hours to generate and ingest (default 0-3)")
+    p.add_argument("--gfs-hours", default="0-3", help="GFS forecast hours to generate and ingest (default 0-3)")
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("mirror", help="the local NOAA mirror: generate and serve", description="The local NOAA mirror.")
+    msub = p.add_subparsers(dest="mirror_command", required=True, metavar="SUBCOMMAND")
+    g = msub.add_parser(
+        "generate",
+        help="write NOAA-identical GRIB2 + .idx files for a run",
+        description="Write NOAA-identical files (same paths and names, real GRIB2 on the real grids, "
+        "wgrib2-format .idx) for one model run under ROOT/<bucket>/...",
+    )
+    g.add_argument("--root", default="mirror", help="mirror root directory (default: ./mirror)")
+    g.add_argument("--model", required=True, help="model name from the catalog (hrrr, gfs, ...)")
+    g.add_argument("--run", required=True, help="run key YYYYMMDD_HH, e.g. 20260512_00")
+    g.add_argument("--hours", default="0-2", help='forecast hours, e.g. "0-6" or "0-12/3,18" (default 0-2)')
+    g.add_argument("--seed", type=int, default=0, help="random seed for the synthetic fields")
+    g.set_defaults(func=_cmd_mirror_generate)
+    s = msub.add_parser(
+        "serve",
+        help="serve a mirror over HTTP on loopback (S3-like, with Range support)",
+        description="Serve ROOT over HTTP like S3 (Range requests, HEAD, 404s) until interrupted.",
+    )
+    s.add_argument("--root", default="mirror", help="mirror root directory (default: ./mirror)")
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
+    s.add_argument("--verbose", action="store_true", help="log one line per request")
+    s.set_defaults(func=_cmd_mirror_serve)
+
+    p = sub.add_parser(
+        "inventory",
+        help="print the parsed .idx entries of a local file or URL",
+        description="Parse a wgrib2 inventory (.idx) from a local file or URL and print its entries. A local "
+        "GRIB2 file is indexed with eccodes instead. With --json, print a list of objects with keys "
+        "msg, start, end (inclusive last byte, null when open-ended), variable, level, forecast.",
+    )
+    p.add_argument("path_or_url", metavar="PATH_OR_URL", help="an .idx file, a GRIB2 file, or an http(s) URL of an .idx")
+    p.add_argument("--search", metavar="REGEX", help="keep entries whose line matches this regular expression")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=_cmd_inventory)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (UsageError, CatalogError, InvalidRequest) as exc:
+        print(f"weather-pipeline: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -102,6 +102,8 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
                     [asset_def],
                     instance=instance,
                     resources=resources,
+                    # INFO shows the asset's per-hour progress lines without Dagster's DEBUG events.
+                    run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
                     tags={
                         RANGE_START_TAG: str(partition_key(run, group[0])),
                         RANGE_END_TAG: str(partition_key(run, group[-1])),

@@ -8,7 +8,7 @@ import pytest
 
 import weather_pipeline  # noqa: F401  (pyproj before eccodes; see weather_pipeline/__init__.py)
 
-REAL_DIR = Path(__file__).resolve().parents[1].parent / "shared" / "testdata" / "real"
+from weather_pipeline_tests.testdata import REAL_DIR
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,14 @@ one model run are fetched in one Dagster run, so process start-up is paid per ba
 """
 
 
+import warnings
 from collections import defaultdict
 
 from dagster import (
     AssetExecutionContext,
     AssetsDefinition,
     BackfillPolicy,
+    BetaWarning,
     Failure,
     MetadataValue,
     asset,
@@ -46,6 +48,10 @@ def ingest_metadata(report: IngestReport) -> dict:
         "retries": MetadataValue.int(report.retries),
         "duration_s": MetadataValue.float(report.duration_s),
     }
+
+
+# backfill_policy is marked beta in Dagster 1.13; it is the documented way to batch a range.
+warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 
 
 def build_grib_asset(model: Model) -> AssetsDefinition:

@@ -98,6 +98,25 @@ def test_corrupted_range_is_caught_by_verification_and_refetched(mirror, tmp_pat
         grib.verify_messages(open(v.path, "rb").read(), source=v.path, expected=1)
 
 
+def test_damage_inside_a_data_section_is_caught_by_the_value_envelope(mirror, tmp_path, monkeypatch):
+    """eccodes decodes flipped data bytes without complaint; the plausibility envelope does not."""
+    from weather_pipeline.core import ingest
+
+    mirror.faults.add("*.grib2", "corrupt", count=16)  # middle of the one t2m message: its data section
+    report, _ = _ingest(mirror, CacheLayout(tmp_path / "checked"), variables=["t2m"])
+    assert report.retries == 1
+    values = grib.read_field(report.variables[0].path).values
+    assert 180 < float(values.min()) and float(values.max()) < 340
+
+    # Without the envelope the same damage would be written to the cache as if it were data.
+    monkeypatch.setattr(ingest, "plausible_envelope", lambda var: None)
+    mirror.faults.add("*.grib2", "corrupt", count=16)
+    report, _ = _ingest(mirror, CacheLayout(tmp_path / "unchecked"), variables=["t2m"])
+    assert report.retries == 0
+    values = grib.read_field(report.variables[0].path).values
+    assert not (180 < float(values.min()) and float(values.max()) < 340)
+
+
 def test_truncated_range_is_refetched(mirror, tmp_path):
     mirror.faults.add("*.grib2", "truncate")
     report, _ = _ingest(mirror, CacheLayout(tmp_path))

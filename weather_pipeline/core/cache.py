@@ -1,7 +1,9 @@
 """The cache layout (every path the pipeline writes comes from here) and atomic writes.
 
     {root}/gribs/{model}/{run}/{variable}/grib_{hour:03d}.grib2
-    {root}/tiles/...            (tiles, see the tile builder)
+    {root}/tiles/{region}/{res}deg/{model}/{run}/{variable}/tile_{hour:03d}.npz  (+ .meta.json)
+    {root}/tiles/{region}/{res}deg/{model}/{run}/{variable}.npz                 (+ .meta.json)
+    {root}/weights/...          regridding indices and weights, keyed by grid hash
     {root}/status/deep.json     (deep status)
 
 Nothing is ever written outside the root, and nothing is half-written inside it: files are
@@ -49,6 +51,32 @@ class CacheLayout:
         name = f"grib_{hour:03d}.grib2"
         return {d.name: d / name for d in sorted(run_dir.iterdir()) if (d / name).is_file()}
 
+    # -- tiles ---------------------------------------------------------------------------
+    @property
+    def tiles_root(self) -> Path:
+        return self.root / "tiles"
+
+    def tile_run_dir(self, region: str, res: float, model: str, run: str) -> Path:
+        return self.tiles_root / region / f"{format_res(res)}deg" / model / run
+
+    def tile_path(self, region: str, res: float, model: str, run: str, variable: str, hour: int) -> Path:
+        """The hourly tile; its sidecar is `sidecar_path(tile_path(...))`."""
+        return self.tile_run_dir(region, res, model, run) / variable / f"tile_{hour:03d}.npz"
+
+    def run_tile_path(self, region: str, res: float, model: str, run: str, variable: str) -> Path:
+        """All hours of a run that exist, stacked."""
+        return self.tile_run_dir(region, res, model, run) / f"{variable}.npz"
+
+    def hourly_tiles(self, region: str, res: float, model: str, run: str, variable: str) -> dict[int, Path]:
+        d = self.tile_run_dir(region, res, model, run) / variable
+        if not d.is_dir():
+            return {}
+        return {int(p.stem[5:]): p for p in sorted(d.glob("tile_[0-9][0-9][0-9].npz"))}
+
+    @property
+    def weights_dir(self) -> Path:
+        return self.root / "weights"
+
     # -- scratch space on the same file system (so renames stay atomic) -------------------
     @property
     def scratch_dir(self) -> Path:
@@ -62,6 +90,16 @@ class CacheLayout:
 
     def contains(self, path: Path) -> bool:
         return Path(path).absolute().is_relative_to(self.root)
+
+
+def format_res(res: float) -> str:
+    """0.25 -> "0.25", 1.0 -> "1": the resolution as written in tile paths."""
+    return format(float(res), "g")
+
+
+def sidecar_path(npz_path: Path) -> Path:
+    """`x.npz` -> `x.meta.json`."""
+    return Path(npz_path).with_suffix(".meta.json")
 
 
 @contextmanager

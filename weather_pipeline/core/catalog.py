@@ -76,6 +76,8 @@ class Variable:
     accumulation: str | None = None
     first_hour: int = 0
     default: bool = True
+    wind: str | None = None  # "u" or "v" for a wind component
+    pair: str | None = None  # the other component's variable name
 
     @property
     def pattern(self) -> re.Pattern[str]:
@@ -211,10 +213,32 @@ class Model:
 
 
 @dataclass(frozen=True)
+class Region:
+    name: str
+    title: str
+    bbox: tuple[float, float, float, float]  # W, S, E, N
+    resolutions: tuple[float, ...]
+    models: tuple[str, ...]
+    max_nan_fraction: float = 0.0
+
+
+@dataclass(frozen=True)
 class Catalog:
     models: Mapping[str, Model]
     sources: Mapping[str, Source]
+    regions: Mapping[str, Region] = field(default_factory=dict)
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+    def region(self, name: str) -> Region:
+        try:
+            return self.regions[name]
+        except KeyError:
+            raise CatalogError(
+                f"unknown region {name!r}; known regions: {', '.join(sorted(self.regions))}"
+            ) from None
+
+    def regions_for(self, model_name: str) -> tuple[Region, ...]:
+        return tuple(r for r in self.regions.values() if model_name in r.models)
 
     def model(self, name: str) -> Model:
         try:
@@ -274,11 +298,15 @@ def _build_model(name: str, raw: Mapping[str, Any]) -> Model:
                 accumulation=v.get("accumulation"),
                 first_hour=int(v.get("first_hour", 0)),
                 default=bool(v.get("default", True)),
+                wind=v.get("wind"),
+                pair=v.get("pair"),
             )
             for vname, v in raw.get("variables", {}).items()
         }
         for v in variables.values():
             re.compile(v.search)
+            if v.pair and (v.pair not in variables or v.wind not in ("u", "v")):
+                raise KeyError(f"variable {v.name}: pair {v.pair!r} must name a variable and wind be 'u' or 'v'")
         return Model(
             name=name,
             title=raw.get("title", name),
@@ -312,7 +340,26 @@ def build_catalog(raw: Mapping[str, Any]) -> Catalog:
         )
         for name, s in raw.get("sources", {}).items()
     }
-    return Catalog(models=models, sources=sources, raw=raw)
+    regions = {}
+    for name, r in raw.get("regions", {}).items():
+        try:
+            bbox = tuple(float(x) for x in r["bbox"])
+            if len(bbox) != 4:
+                raise ValueError("bbox needs 4 numbers W,S,E,N")
+            unknown = [m for m in r.get("models", list(models)) if m not in models]
+            if unknown:
+                raise ValueError(f"unknown models {unknown}")
+            regions[name] = Region(
+                name=name,
+                title=r.get("title", name),
+                bbox=bbox,  # type: ignore[arg-type]
+                resolutions=tuple(float(x) for x in r["resolutions"]),
+                models=tuple(r.get("models", list(models))),
+                max_nan_fraction=float(r.get("max_nan_fraction", 0.0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise CatalogError(f"catalog entry for region {name!r} is malformed: {exc}") from None
+    return Catalog(models=models, sources=sources, regions=regions, raw=raw)
 
 
 @lru_cache(maxsize=4)

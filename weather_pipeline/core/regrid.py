@@ -33,7 +33,7 @@ from weather_pipeline.core.cache import atomic_write_bytes
 METHODS = ("bilinear", "nearest")
 #: fractional indices this close to an integer are snapped to it (1e-6 of a cell)
 SNAP = 1e-6
-WEIGHTS_VERSION = 1
+WEIGHTS_VERSION = 2
 
 
 class RegridError(ValueError):
@@ -184,22 +184,28 @@ class SourceGrid:
 
 @dataclass(frozen=True)
 class Weights:
-    """Flat source indices and weights of each target point; `valid` is False outside."""
+    """Source indices and weights of the target points that lie inside the source grid.
 
-    index: np.ndarray  # (4, n) int64 (nearest uses row 0 only, weight 1)
-    weight: np.ndarray  # (4, n) float32
-    valid: np.ndarray  # (n,) bool
+    Stored compacted (valid points only, int32 indices) so that applying them is k gathers and
+    multiply-adds over exactly the points that need them, with no masking per call.
+    """
+
+    index: np.ndarray  # (k, n_valid) int32 flat source indices; k = 4 bilinear, 1 nearest
+    weight: np.ndarray  # (k, n_valid) float32
+    valid: np.ndarray  # (ny * nx,) bool: which target points lie inside the source grid
     shape: tuple[int, int]
 
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Regrid a source field (Ny, Nx) to the target grid (float32, NaN outside)."""
         flat = np.ascontiguousarray(values, dtype=np.float32).ravel()
-        out = np.full(self.valid.shape, np.nan, dtype=np.float32)
-        idx, w, ok = self.index[:, self.valid], self.weight[:, self.valid], self.valid
-        acc = flat[idx[0]] * w[0]
-        for r in range(1, idx.shape[0]):
-            acc += flat[idx[r]] * w[r]
-        out[ok] = acc
+        acc = flat.take(self.index[0])
+        acc *= self.weight[0]
+        for r in range(1, self.index.shape[0]):
+            acc += flat.take(self.index[r]) * self.weight[r]
+        if acc.size == self.valid.size:
+            return acc.reshape(self.shape)
+        out = np.full(self.valid.size, np.nan, dtype=np.float32)
+        out[self.valid] = acc
         return out.reshape(self.shape)
 
     def to_bytes(self) -> bytes:
@@ -234,8 +240,8 @@ def compute_weights(source: SourceGrid, target: TargetGrid, method: str = "bilin
         i0 = np.floor(fi + 0.5).astype(np.int64) % nx if wrap else np.floor(fi + 0.5).astype(np.int64)
         j0 = np.floor(fj + 0.5).astype(np.int64)
         index = (j0 * nx + i0)[None, :]
-        weight = np.ones_like(index, dtype=np.float32)
-        return Weights(index, weight, valid, target.shape)
+        weight = np.ones(index.shape, dtype=np.float32)
+        return _compact(index, weight, valid, target.shape)
     i0 = np.floor(fi).astype(np.int64)
     j0 = np.floor(fj).astype(np.int64)
     di, dj = fi - i0, fj - j0
@@ -247,7 +253,11 @@ def compute_weights(source: SourceGrid, target: TargetGrid, method: str = "bilin
         i0, i1 = i0 % nx, i1 % nx
     index = np.stack([j0 * nx + i0, j0 * nx + i1, j1 * nx + i0, j1 * nx + i1])
     weight = np.stack([(1 - di) * (1 - dj), di * (1 - dj), (1 - di) * dj, di * dj]).astype(np.float32)
-    return Weights(index, weight, valid, target.shape)
+    return _compact(index, weight, valid, target.shape)
+
+
+def _compact(index: np.ndarray, weight: np.ndarray, valid: np.ndarray, shape: tuple[int, int]) -> Weights:
+    return Weights(index[:, valid].astype(np.int32), np.ascontiguousarray(weight[:, valid]), valid, shape)
 
 
 def weights_key(source: SourceGrid, target: TargetGrid, method: str) -> str:

@@ -1,0 +1,356 @@
+"""BuildTile: the GRIB subsets of one forecast hour -> regional NPZ tiles with JSON sidecars.
+
+Per forecast hour and variable the GRIB is decoded once, winds marked grid-relative are rotated
+to earth-relative with their partner component, and the field is regridded to every (region,
+resolution) of the model with cached weights. Each hourly tile is written atomically, then its
+sidecar. A tile whose sidecar already records the same source md5 and method is not rebuilt.
+
+Run tiles (all hours of a run that exist, stacked) are rewritten from the hourly tiles, one
+plane at a time straight into the zip member, so memory stays at about one plane whatever the
+number of hours.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import zipfile
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+
+from weather_pipeline.core import grib
+from weather_pipeline.core.cache import CacheLayout, atomic_write_text, atomic_writer, format_res, md5_file, sidecar_path
+from weather_pipeline.core.catalog import Catalog, Model, Region, Variable, load_catalog
+from weather_pipeline.core.regrid import SourceGrid, TargetGrid, Weights, cached_weights
+from weather_pipeline.core.winds import cached_rotation_angle, rotate_to_earth
+
+
+class TileError(ValueError):
+    """A tile that cannot be built; the message names the model, run, hour and variable."""
+
+
+@dataclass(frozen=True)
+class TileTarget:
+    region: str
+    res: float
+    grid: TargetGrid
+    max_nan_fraction: float
+
+    @property
+    def label(self) -> str:
+        return f"{self.region}/{format_res(self.res)}deg"
+
+
+def targets_for(model_name: str, catalog: Catalog | None = None, regions: Sequence[str] | None = None) -> list[TileTarget]:
+    catalog = catalog or load_catalog()
+    chosen: Iterable[Region] = (
+        [catalog.region(r) for r in regions] if regions else catalog.regions_for(model_name)
+    )
+    return [
+        TileTarget(r.name, res, TargetGrid(*r.bbox, res), r.max_nan_fraction)
+        for r in chosen
+        for res in r.resolutions
+    ]
+
+
+def field_stats(data: np.ndarray) -> dict[str, float | None]:
+    finite = np.isfinite(data)
+    n = int(finite.sum())
+    if n == 0:
+        return {"min": None, "max": None, "mean": None, "nan_fraction": 1.0}
+    values = data[finite]
+    return {
+        "min": float(values.min()),
+        "max": float(values.max()),
+        "mean": float(values.mean(dtype=np.float64)),
+        "nan_fraction": float(1.0 - n / data.size),
+    }
+
+
+def utc_now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def read_sidecar(npz_path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads(sidecar_path(npz_path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_tile(path: Path, data: np.ndarray, target: TargetGrid, sidecar: dict[str, Any]) -> None:
+    """The hourly tile (data, lat, lon) and then its sidecar, each atomically."""
+    with atomic_writer(path) as fh:
+        np.savez(fh, data=data.astype(np.float32, copy=False), lat=target.lats, lon=target.lons)
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1, sort_keys=True))
+
+
+# -- one forecast hour --------------------------------------------------------------------
+
+
+@dataclass
+class TileResult:
+    region: str
+    res: float
+    variable: str
+    path: str
+    source_grib_md5: str
+    stats: dict[str, float | None]
+    built: bool  # False: unchanged source, not rebuilt
+
+
+@dataclass
+class HourTiles:
+    model: str
+    run: str
+    hour: int
+    method: str
+    results: list[TileResult] = field(default_factory=list)
+    decode_s: float = 0.0
+    regrid_s: float = 0.0
+    write_s: float = 0.0
+    previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # label -> one tile
+
+    @property
+    def built(self) -> list[TileResult]:
+        return [r for r in self.results if r.built]
+
+    @property
+    def unchanged(self) -> list[TileResult]:
+        return [r for r in self.results if not r.built]
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("previews")
+        return d
+
+
+def _up_to_date(path: Path, md5: str, method: str) -> dict[str, Any] | None:
+    meta = read_sidecar(path)
+    if meta and path.is_file() and meta.get("source_grib_md5") == md5 and meta.get("method") == method:
+        return meta
+    return None
+
+
+def _decode(path: Path) -> grib.Field:
+    try:
+        return grib.read_field(path)
+    except (grib.GribError, IndexError, OSError) as exc:
+        raise TileError(f"cannot decode {path}: {exc}") from None
+
+
+def build_hour(
+    model_name: str,
+    run: str,
+    hour: int,
+    cache: CacheLayout,
+    *,
+    method: str = "bilinear",
+    variables: Sequence[str] | None = None,
+    regions: Sequence[str] | None = None,
+    force: bool = False,
+    catalog: Catalog | None = None,
+) -> HourTiles:
+    """Build (or confirm up to date) every tile of one forecast hour from its GRIB subsets."""
+    catalog = catalog or load_catalog()
+    model = catalog.model(model_name)
+    model.validate_hour(run, hour)
+    wanted = [v for v in model.select_variables(list(variables) if variables else None) if v.present_at(hour)]
+    targets = targets_for(model.name, catalog, regions)
+    report = HourTiles(model.name, run, hour, method)
+    gribs = cache.grib_paths_for_hour(model.name, run, hour)
+
+    # Which variables need work: a missing GRIB is fine only when its tiles are already built.
+    todo: dict[str, str] = {}  # variable -> md5 of its GRIB
+    for var in wanted:
+        path = gribs.get(var.name)
+        tiles = [cache.tile_path(t.region, t.res, model.name, run, var.name, hour) for t in targets]
+        if path is None:
+            metas = [read_sidecar(p) for p in tiles]
+            if all(m and p.is_file() for m, p in zip(metas, tiles)):
+                for t, p, m in zip(targets, tiles, metas):
+                    report.results.append(TileResult(t.region, t.res, var.name, str(p), m["source_grib_md5"], m["stats"], False))
+                continue
+            raise TileError(
+                f"{model.name} {run} f{hour:03d} {var.name}: no GRIB subset in the cache "
+                f"({cache.grib_path(model.name, run, var.name, hour)}); ingest it first"
+            )
+        md5 = md5_file(path)
+        current = [_up_to_date(p, md5, method) for p in tiles]
+        if not force and all(current):
+            for t, p, m in zip(targets, tiles, current):
+                report.results.append(TileResult(t.region, t.res, var.name, str(p), md5, m["stats"], False))
+            continue
+        todo[var.name] = md5
+    # A rotated wind component needs its partner, so both are rebuilt together.
+    for name in list(todo):
+        pair = model.variables[name].pair
+        if pair and pair not in todo and pair in gribs and model.variables[pair] in wanted:
+            todo[pair] = md5_file(gribs[pair])
+            report.results = [r for r in report.results if r.variable != pair]
+
+    fields: dict[str, np.ndarray] = {}
+    grids: dict[str, SourceGrid] = {}
+    t0 = time.perf_counter()
+    for name in todo:
+        f = _decode(gribs[name])
+        fields[name], grids[name] = f.values, SourceGrid(f.grid_keys)
+    for name in todo:
+        var = model.variables[name]
+        if var.wind == "u" and var.pair in fields and int(grids[name].keys.get("uvRelativeToGrid") or 0):
+            alpha = cached_rotation_angle(cache.weights_dir, grids[name])
+            fields[name], fields[var.pair] = rotate_to_earth(fields[name], fields[var.pair], alpha)
+    report.decode_s = time.perf_counter() - t0
+
+    generated_at = utc_now_iso()
+    for name, md5 in todo.items():
+        var = model.variables[name]
+        rotated = bool(var.wind and int(grids[name].keys.get("uvRelativeToGrid") or 0) and var.pair in fields)
+        for t in targets:
+            t1 = time.perf_counter()
+            weights, _ = cached_weights(cache.weights_dir, grids[name], t.grid, method)
+            data = weights.apply(fields[name])
+            t2 = time.perf_counter()
+            stats = field_stats(data)
+            path = cache.tile_path(t.region, t.res, model.name, run, name, hour)
+            write_tile(path, data, t.grid, _sidecar(model, var, run, hour, t, method, md5, stats, generated_at, grids[name], rotated))
+            report.regrid_s += t2 - t1
+            report.write_s += time.perf_counter() - t2
+            report.results.append(TileResult(t.region, t.res, name, str(path), md5, stats, True))
+            report.previews.setdefault(f"{name} {t.label}", data)
+    return report
+
+
+def _sidecar(model: Model, var: Variable, run: str, hour: int, t: TileTarget, method: str, md5: str,
+             stats: dict, generated_at: str, grid: SourceGrid, rotated: bool) -> dict[str, Any]:
+    return {
+        "model": model.name,
+        "run": run,
+        "hour": hour,
+        "variable": var.name,
+        "long_name": var.long_name,
+        "units": var.units,
+        "region": t.region,
+        "res": t.res,
+        "bbox": [t.grid.west, t.grid.south, t.grid.east, t.grid.north],
+        "shape": list(t.grid.shape),
+        "method": method,
+        "source_grib_md5": md5,
+        "source_grid": grid.fingerprint(),
+        "winds": ("earth-relative (rotated from grid-relative)" if rotated else "as published") if var.wind else None,
+        "generated_at": generated_at,
+        "stats": stats,
+    }
+
+
+# -- run tiles ----------------------------------------------------------------------------
+
+
+def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dtype: np.dtype, planes: Iterable[np.ndarray]) -> None:
+    with zf.open(name, "w", force_zip64=True) as member:
+        np.lib.format.write_array_header_2_0(
+            member, {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+        )
+        for plane in planes:
+            member.write(np.ascontiguousarray(plane, dtype=dtype).tobytes())
+
+
+def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str, run: str, variable: str) -> Path | None:
+    """Rewrite `{variable}.npz` from the hourly tiles present; None when there are none."""
+    hourly = cache.hourly_tiles(region, res, model_name, run, variable)
+    if not hourly:
+        return None
+    hours = sorted(hourly)
+    first = np.load(hourly[hours[0]])
+    lat, lon = first["lat"], first["lon"]
+    ny, nx = first["data"].shape
+    metas = {h: read_sidecar(hourly[h]) or {} for h in hours}
+    running = {"min": np.inf, "max": -np.inf, "sum": 0.0, "n": 0}
+
+    def planes() -> Iterable[np.ndarray]:
+        for h in hours:
+            with np.load(hourly[h]) as z:
+                plane = z["data"]
+            if plane.shape != (ny, nx):
+                raise TileError(f"{hourly[h]} has shape {plane.shape}, the run tile {(ny, nx)}")
+            finite = plane[np.isfinite(plane)]
+            if finite.size:
+                running["min"] = min(running["min"], float(finite.min()))
+                running["max"] = max(running["max"], float(finite.max()))
+                running["sum"] += float(finite.sum(dtype=np.float64))
+                running["n"] += int(finite.size)
+            yield plane
+
+    path = cache.run_tile_path(region, res, model_name, run, variable)
+    with atomic_writer(path) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        _write_npy_member(zf, "data.npy", (len(hours), ny, nx), np.float32, planes())
+        for name, arr in (("lat", lat), ("lon", lon), ("hours", np.asarray(hours, dtype=np.int32))):
+            with zf.open(f"{name}.npy", "w") as member:
+                np.lib.format.write_array(member, arr)
+    total = len(hours) * ny * nx
+    any_meta = next(iter(metas.values()))
+    sidecar = {
+        **{k: any_meta.get(k) for k in ("model", "run", "variable", "long_name", "units", "region", "res", "bbox", "method", "winds")},
+        "hours": hours,
+        "shape": [len(hours), ny, nx],
+        "source_grib_md5": {str(h): metas[h].get("source_grib_md5") for h in hours},
+        "generated_at": utc_now_iso(),
+        "stats": {
+            "min": running["min"] if running["n"] else None,
+            "max": running["max"] if running["n"] else None,
+            "mean": running["sum"] / running["n"] if running["n"] else None,
+            "nan_fraction": 1.0 - running["n"] / total,
+        },
+    }
+    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1, sort_keys=True))
+    return path
+
+
+# -- one file, for the CLI ------------------------------------------------------------------
+
+
+def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: str = "bilinear",
+                   search: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
+    """A tile (and sidecar) from the first message of a local GRIB2 file matching `search`."""
+    data = Path(grib_path).read_bytes()
+    index = 0
+    if search:
+        from weather_pipeline.core.idx import parse_idx, search as idx_search
+
+        entries = parse_idx(grib.build_index(data), source=str(grib_path))
+        hits = idx_search(entries, search)
+        if not hits:
+            raise TileError(f"{grib_path}: no message matches {search!r}")
+        index = entries.index(hits[0])
+    f = grib.read_field(data, index)
+    source = SourceGrid(f.grid_keys)
+    if cache_dir is None:
+        from weather_pipeline.core.regrid import compute_weights
+
+        weights: Weights = compute_weights(source, target, method)
+    else:
+        weights, _ = cached_weights(cache_dir, source, target, method)
+    tile = weights.apply(f.values)
+    stats = field_stats(tile)
+    sidecar = {
+        "source_file": str(grib_path),
+        "source_grib_md5": md5_file(Path(grib_path)),
+        "message": str(f.inventory) if f.inventory else None,
+        "units": f.metadata.get("units"),
+        "region": "custom",
+        "res": target.res,
+        "bbox": [target.west, target.south, target.east, target.north],
+        "shape": list(target.shape),
+        "method": method,
+        "source_grid": source.fingerprint(),
+        "winds": "as published (a single message cannot be rotated)"
+        if int(f.grid_keys.get("uvRelativeToGrid") or 0) else None,
+        "generated_at": utc_now_iso(),
+        "stats": stats,
+    }
+    write_tile(out, tile, target, sidecar)
+    return sidecar

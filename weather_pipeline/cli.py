@@ -83,6 +83,27 @@ def _cmd_mirror_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tile(args: argparse.Namespace) -> int:
+    from weather_pipeline.core.grib import GribError
+    from weather_pipeline.core.regrid import RegridError, TargetGrid
+    from weather_pipeline.core.tiles import TileError, tile_from_file
+
+    path = Path(args.grib_file)
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    if not args.output.endswith(".npz"):
+        raise UsageError(f"output {args.output!r} must end in .npz (the sidecar goes beside it as .meta.json)")
+    try:
+        target = TargetGrid.parse_bbox(args.bbox, args.res)
+        sidecar = tile_from_file(path, target, Path(args.output), method=args.method, search=args.search)
+    except (RegridError, TileError, GribError) as exc:
+        raise UsageError(str(exc)) from None
+    stats = sidecar["stats"]
+    print(f"wrote {args.output} {tuple(sidecar['shape'])} from {sidecar['message']}: "
+          f"min {stats['min']}, max {stats['max']}, NaN fraction {stats['nan_fraction']:.4f}")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from weather_pipeline.demo import run_demo
 
@@ -137,6 +158,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--verbose", action="store_true", help="log one line per request")
     s.set_defaults(func=_cmd_mirror_serve)
+
+    p = sub.add_parser(
+        "tile",
+        help="build one NPZ tile (+ sidecar) from a local GRIB2 file",
+        description="Regrid the first message of GRIB_FILE (or the first matching --search) to the regular "
+        "lat/lon grid of --bbox at --res degrees and write OUT.npz (data, lat, lon) with OUT.meta.json "
+        "beside it, with the same code the tile assets use. Grid-relative winds are left as published "
+        "(rotation needs both components; the assets do it).",
+    )
+    p.add_argument("grib_file", metavar="GRIB_FILE", help="a local GRIB2 file")
+    p.add_argument("--bbox", required=True, metavar="W,S,E,N", help="bounding box in degrees, e.g. -100,35,-95,40")
+    p.add_argument("--res", required=True, type=float, metavar="DEG", help="grid spacing in degrees, e.g. 0.25")
+    p.add_argument("--method", choices=("bilinear", "nearest"), default="bilinear", help="interpolation (default bilinear)")
+    p.add_argument("--search", metavar="REGEX", help="use the first message whose inventory line matches")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="output tile path")
+    p.set_defaults(func=_cmd_tile)
 
     p = sub.add_parser(
         "inventory",

@@ -3,8 +3,9 @@
 1. generate a small NOAA-identical mirror (one HRRR and one GFS run, a few hours each);
 2. serve it on a free loopback port;
 3. add the run partitions to the project's Dagster instance ($DAGSTER_HOME) and materialize
-   each model's GRIB asset, one Dagster run per model run (a partition range);
-4. print what landed in the cache, read back from the instance's materializations.
+   each model's GRIB and tile assets, one Dagster run per model run (a partition range);
+4. print what landed in the cache, read back from the instance's materializations, and the
+   tile files written.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import format_run_key, load_catalog
 from weather_pipeline.mirror.generate import generate_run, mirror_relative_path
 from weather_pipeline.mirror.server import MirrorServer
-from weather_pipeline.orchestration.assets import build_grib_asset, grib_asset_name
+from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, grib_asset_name
 from weather_pipeline.orchestration.partitions import partition_key, run_partitions
 from weather_pipeline.orchestration.resources import resources_from_env
 
@@ -88,18 +89,20 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
             "WEATHER_PIPELINE_SOURCES": "mirror",
             "WEATHER_PIPELINE_MIRROR_URL": server.url,
             "WEATHER_PIPELINE_CACHE": str(cache_root),
+            # Keep the GRIB subsets so they can be inspected; by default they are deleted once tiled.
+            "WEATHER_PIPELINE_KEEP_GRIBS": "all",
         }
         resources = resources_from_env(env)
-        _say(f"[3/4] materializing GRIB assets through Dagster (instance: {os.environ['DAGSTER_HOME']})")
+        _say(f"[3/4] materializing GRIB and tile assets through Dagster (instance: {os.environ['DAGSTER_HOME']})")
         run_ids: dict[str, list[str]] = {}
         for name, (run, hours) in plan.items():
             model = catalog.model(name)
             instance.add_dynamic_partitions(run_partitions(name).name, [run])
-            asset_def = build_grib_asset(model)
+            assets = [build_grib_asset(model), build_tile_asset(model)]
             for group in contiguous_groups(hours, model.all_hours):
                 t0 = time.monotonic()
                 result = materialize(
-                    [asset_def],
+                    assets,
                     instance=instance,
                     resources=resources,
                     # INFO shows the asset's per-hour progress lines without Dagster's DEBUG events.
@@ -129,6 +132,14 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
         files = [p for p in layout.grib_run_dir(name, run).rglob("grib_*.grib2")]
         size = sum(p.stat().st_size for p in files)
         _say(f"      {name:6} {run:12} {len(mine):>5} {len(files):>5} {size / 1e6:>8.2f} {requests:>8}")
-    _say(f"done in {time.monotonic() - t_start:.0f} s; GRIB subsets under {layout.gribs_root}")
+    _say("      tiles written (hourly tile_HHH.npz + .meta.json per variable, and run tiles {variable}.npz):")
+    for name, (run, hours) in plan.items():
+        for region_dir in sorted(layout.tiles_root.glob(f"*/*/{name}/{run}")):
+            hourly = sorted(region_dir.glob("*/tile_*.npz"))
+            run_tiles = sorted(region_dir.glob("*.npz"))
+            _say(f"      {region_dir.relative_to(workdir)}/: {len(hourly)} hourly tiles, run tiles: "
+                 + ", ".join(p.name for p in run_tiles))
+    _say(f"done in {time.monotonic() - t_start:.0f} s; GRIB subsets under {layout.gribs_root} (kept for the demo), "
+         f"tiles under {layout.tiles_root}")
     _say("next: `make dev` opens the Dagster UI at http://127.0.0.1:3000 with these assets and partitions")
     return 0

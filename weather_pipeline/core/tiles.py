@@ -259,16 +259,26 @@ def _write_npy_member(zf: zipfile.ZipFile, name: str, shape: tuple[int, ...], dt
             member.write(np.ascontiguousarray(plane, dtype=dtype).tobytes())
 
 
-def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str, run: str, variable: str) -> Path | None:
-    """Rewrite `{variable}.npz` from the hourly tiles present; None when there are none."""
+def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str, run: str, variable: str,
+                    *, force: bool = False) -> Path | None:
+    """Bring `{variable}.npz` up to date with the hourly tiles present; None when there are none.
+
+    The run tile is current when its sidecar lists the same hours with the same source md5s as
+    the hourly sidecars; otherwise it is rewritten.
+    """
     hourly = cache.hourly_tiles(region, res, model_name, run, variable)
     if not hourly:
         return None
     hours = sorted(hourly)
-    first = np.load(hourly[hours[0]])
-    lat, lon = first["lat"], first["lon"]
-    ny, nx = first["data"].shape
     metas = {h: read_sidecar(hourly[h]) or {} for h in hours}
+    path = cache.run_tile_path(region, res, model_name, run, variable)
+    current = read_sidecar(path)
+    wanted_md5 = {str(h): metas[h].get("source_grib_md5") for h in hours}
+    if not force and current and path.is_file() and current.get("source_grib_md5") == wanted_md5:
+        return path
+    with np.load(hourly[hours[0]]) as first:
+        lat, lon = first["lat"], first["lon"]
+        ny, nx = first["data"].shape
     running = {"min": np.inf, "max": -np.inf, "sum": 0.0, "n": 0}
 
     def planes() -> Iterable[np.ndarray]:
@@ -285,7 +295,6 @@ def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str
                 running["n"] += int(finite.size)
             yield plane
 
-    path = cache.run_tile_path(region, res, model_name, run, variable)
     with atomic_writer(path) as fh, zipfile.ZipFile(fh, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         _write_npy_member(zf, "data.npy", (len(hours), ny, nx), np.float32, planes())
         for name, arr in (("lat", lat), ("lon", lon), ("hours", np.asarray(hours, dtype=np.int32))):
@@ -297,7 +306,7 @@ def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str
         **{k: any_meta.get(k) for k in ("model", "run", "variable", "long_name", "units", "region", "res", "bbox", "method", "winds")},
         "hours": hours,
         "shape": [len(hours), ny, nx],
-        "source_grib_md5": {str(h): metas[h].get("source_grib_md5") for h in hours},
+        "source_grib_md5": wanted_md5,
         "generated_at": utc_now_iso(),
         "stats": {
             "min": running["min"] if running["n"] else None,
@@ -354,3 +363,28 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
     }
     write_tile(out, tile, target, sidecar)
     return sidecar
+
+
+# -- GRIB retention -------------------------------------------------------------------------
+
+
+def retire_gribs(cache: CacheLayout, report: HourTiles) -> int:
+    """Delete an hour's GRIB subsets whose tiles all exist and were made from those very bytes.
+
+    Returns the bytes freed. Called only when the model's `keep_gribs` is off; a GRIB whose
+    tiles are missing or disagree on the md5 is kept, so nothing is lost before it is tiled.
+    """
+    freed = 0
+    by_var: dict[str, list[TileResult]] = {}
+    for r in report.results:
+        by_var.setdefault(r.variable, []).append(r)
+    gribs = cache.grib_paths_for_hour(report.model, report.run, report.hour)
+    for var, results in by_var.items():
+        path = gribs.get(var)
+        if path is None:
+            continue
+        md5 = md5_file(path)
+        if all(Path(r.path).is_file() and (read_sidecar(Path(r.path)) or {}).get("source_grib_md5") == md5 for r in results):
+            freed += path.stat().st_size
+            path.unlink()
+    return freed

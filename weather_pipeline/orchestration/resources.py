@@ -7,6 +7,8 @@
 | WEATHER_PIPELINE_MIRROR_URL    | (none)        | base URL of `weather-pipeline mirror serve`|
 | WEATHER_PIPELINE_RATE_LIMITS   | (none)        | extra per-host limits, "host=rpm,..."      |
 | WEATHER_PIPELINE_RATE_LIMIT_DB | $TMPDIR/...   | the machine-wide rate-limit bucket         |
+| WEATHER_PIPELINE_TILE_METHOD   | bilinear      | regridding method (bilinear or nearest)    |
+| WEATHER_PIPELINE_KEEP_GRIBS    | (catalog)     | "all", or models whose GRIBs to keep       |
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 from dagster import ConfigurableResource
 
 from weather_pipeline.core.cache import CacheLayout
-from weather_pipeline.core.catalog import CatalogError
+from weather_pipeline.core.catalog import CatalogError, Model
 from weather_pipeline.core.http import HttpClient, HttpConfig, RetryPolicy
 from weather_pipeline.core.sources import SourceSettings, rate_limits
 
@@ -62,6 +64,17 @@ class NoaaSourceResource(ConfigurableResource):
         return HttpClient(self.http_config())
 
 
+class TileSettings(ConfigurableResource):
+    """How tiles are built, and which models keep their GRIB subsets after tiling."""
+
+    method: str = "bilinear"
+    keep_gribs: str = ""  # "all", or comma-separated model names; adds to the catalog's keep_gribs
+
+    def keeps_gribs(self, model: Model) -> bool:
+        names = {n.strip() for n in self.keep_gribs.split(",") if n.strip()}
+        return model.keep_gribs or "all" in names or model.name in names
+
+
 def parse_rate_limits(spec: str) -> dict[str, int]:
     """"127.0.0.1=600,example.org=60" -> {"127.0.0.1": 600, "example.org": 60}."""
     limits: dict[str, int] = {}
@@ -82,5 +95,9 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Configura
             mirror_url=env.get("WEATHER_PIPELINE_MIRROR_URL", ""),
             extra_rate_limits=env.get("WEATHER_PIPELINE_RATE_LIMITS", ""),
             rate_limit_db=env.get("WEATHER_PIPELINE_RATE_LIMIT_DB", ""),
+        ),
+        "tiling": TileSettings(
+            method=env.get("WEATHER_PIPELINE_TILE_METHOD", "bilinear"),
+            keep_gribs=env.get("WEATHER_PIPELINE_KEEP_GRIBS", ""),
         ),
     }

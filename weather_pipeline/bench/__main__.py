@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import weather_pipeline  # noqa: F401  (native-library load order)
-from weather_pipeline.bench import subsetting
+from weather_pipeline.bench import subsetting, tiles
 
-SECTIONS = {"subsetting": subsetting.run}
+SECTIONS = {"subsetting": subsetting.run, "tiles": tiles.run}
 
 
 def main(argv=None) -> int:

@@ -946,12 +946,15 @@ def _grid_keys(handle: Any) -> dict[str, Any]:
     return keys
 
 
-def read_field(data_or_path: bytes | bytearray | memoryview | str | Path, index: int = 0) -> Field:
+def read_field(
+    data_or_path: bytes | bytearray | memoryview | str | Path, index: int = 0, *, describe_field: bool = True
+) -> Field:
     """Decode field number `index` (0-based, counting the fields of multi-field messages).
 
     Values come back as float32 shaped (Ny, Nx) in the file's scanning order (HRRR's rows run
     south to north, GFS's north to south), NaN where a bitmap masks points or where the
-    packing's missing value appears.
+    packing's missing value appears. `describe_field=False` skips the metadata strings and the
+    inventory description (a few ms per field), for callers that only need values and grid.
     """
     if isinstance(data_or_path, (str, Path)):
         source = str(data_or_path)
@@ -965,12 +968,12 @@ def read_field(data_or_path: bytes | bytearray | memoryview | str | Path, index:
     for span in iter_message_spans(view, source=source):
         for message in _message_fields(view, span, source):
             if count == index:
-                return _decode_field(message)
+                return _decode_field(message, describe_field)
             count += 1
     raise IndexError(f"{source} holds {count} fields; there is no field {index}")
 
 
-def _decode_field(message: bytes) -> Field:
+def _decode_field(message: bytes, describe_field: bool = True) -> Field:
     handle = eccodes.codes_new_from_message(message)
     try:
         grid = _grid_keys(handle)
@@ -984,13 +987,16 @@ def _decode_field(message: bytes) -> Field:
             scanning = _get_int(handle, "scanningMode") or 0
             # bit 3 (0x20): adjacent points run along j (columns) instead of along i (rows)
             out = out.reshape(nx, ny).T.copy() if scanning & 0x20 else out.reshape(ny, nx)
-        metadata = {
-            key: eccodes.codes_get(handle, key)
-            for key in ("shortName", "name", "units", "stepRange", "dataDate", "dataTime")
-            if eccodes.codes_is_defined(handle, key)
-        }
-        edition = eccodes.codes_get(handle, "editionNumber", int)
-        inventory = describe(handle) if edition == 2 else None
+        metadata: dict[str, Any] = {}
+        inventory = None
+        if describe_field:
+            metadata = {
+                key: eccodes.codes_get(handle, key)
+                for key in ("shortName", "name", "units", "stepRange", "dataDate", "dataTime")
+                if eccodes.codes_is_defined(handle, key)
+            }
+            if eccodes.codes_get(handle, "editionNumber", int) == 2:
+                inventory = describe(handle)
     finally:
         eccodes.codes_release(handle)
     return Field(values=out, grid_keys=grid, metadata=metadata, inventory=inventory)

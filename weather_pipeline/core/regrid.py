@@ -21,6 +21,10 @@ import hashlib
 import io
 import json
 import math
+import os
+import threading
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -34,6 +38,10 @@ METHODS = ("bilinear", "nearest")
 #: fractional indices this close to an integer are snapped to it (1e-6 of a cell)
 SNAP = 1e-6
 WEIGHTS_VERSION = 2
+#: targets larger than this are regridded in parallel chunks (NumPy releases the GIL in take
+#: and in the arithmetic, so threads use both cores of a small machine)
+PARALLEL_MIN_POINTS = 200_000
+_POOL = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1)), thread_name_prefix="regrid")
 
 
 class RegridError(ValueError):
@@ -195,13 +203,22 @@ class Weights:
     valid: np.ndarray  # (ny * nx,) bool: which target points lie inside the source grid
     shape: tuple[int, int]
 
+    def _accumulate(self, flat: np.ndarray, lo: int, hi: int, acc: np.ndarray) -> None:
+        np.multiply(flat.take(self.index[0, lo:hi]), self.weight[0, lo:hi], out=acc[lo:hi])
+        for r in range(1, self.index.shape[0]):
+            acc[lo:hi] += flat.take(self.index[r, lo:hi]) * self.weight[r, lo:hi]
+
     def apply(self, values: np.ndarray) -> np.ndarray:
         """Regrid a source field (Ny, Nx) to the target grid (float32, NaN outside)."""
         flat = np.ascontiguousarray(values, dtype=np.float32).ravel()
-        acc = flat.take(self.index[0])
-        acc *= self.weight[0]
-        for r in range(1, self.index.shape[0]):
-            acc += flat.take(self.index[r]) * self.weight[r]
+        n = self.index.shape[1]
+        acc = np.empty(n, dtype=np.float32)
+        workers = _POOL._max_workers  # noqa: SLF001
+        if n >= PARALLEL_MIN_POINTS and workers > 1:
+            bounds = np.linspace(0, n, workers + 1).astype(int)
+            list(_POOL.map(lambda b: self._accumulate(flat, b[0], b[1], acc), zip(bounds[:-1], bounds[1:])))
+        else:
+            self._accumulate(flat, 0, n, acc)
         if acc.size == self.valid.size:
             return acc.reshape(self.shape)
         out = np.full(self.valid.size, np.nan, dtype=np.float32)
@@ -268,14 +285,32 @@ def weights_key(source: SourceGrid, target: TargetGrid, method: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:24]
 
 
+#: weights recently used by this process, by file: a batch of hours reuses them (a CONUS
+#: 0.05-degree set is ~20 MB and takes ~10 ms to read back from disk)
+_MEMO: OrderedDict[str, Weights] = OrderedDict()
+_MEMO_SIZE = 8
+_MEMO_LOCK = threading.Lock()
+
+
 def cached_weights(cache_dir: Path, source: SourceGrid, target: TargetGrid, method: str = "bilinear") -> tuple[Weights, bool]:
-    """Weights from `cache_dir` when present, else computed and stored. Returns (weights, hit)."""
+    """Weights from memory or `cache_dir` when present, else computed and stored. Returns (weights, hit)."""
     path = Path(cache_dir) / f"{source.kind}-{weights_key(source, target, method)}.npz"
+    key = str(path.absolute())
+    with _MEMO_LOCK:
+        if key in _MEMO and path.is_file():
+            _MEMO.move_to_end(key)
+            return _MEMO[key], True
+    weights, hit = None, False
     if path.is_file():
         try:
-            return Weights.from_file(path), True
+            weights, hit = Weights.from_file(path), True
         except (OSError, ValueError, KeyError):
             path.unlink(missing_ok=True)  # a damaged file is rebuilt, not trusted
-    weights = compute_weights(source, target, method)
-    atomic_write_bytes(path, weights.to_bytes())
-    return weights, False
+    if weights is None:
+        weights = compute_weights(source, target, method)
+        atomic_write_bytes(path, weights.to_bytes())
+    with _MEMO_LOCK:
+        _MEMO[key] = weights
+        while len(_MEMO) > _MEMO_SIZE:
+            _MEMO.popitem(last=False)
+    return weights, hit

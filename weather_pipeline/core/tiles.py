@@ -23,7 +23,15 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from weather_pipeline.core import grib
-from weather_pipeline.core.cache import CacheLayout, atomic_write_text, atomic_writer, format_res, md5_file, sidecar_path
+from weather_pipeline.core.cache import (
+    CacheLayout,
+    atomic_write_text,
+    atomic_writer,
+    format_res,
+    md5_bytes,
+    md5_file,
+    sidecar_path,
+)
 from weather_pipeline.core.catalog import Catalog, Model, Region, Variable, load_catalog
 from weather_pipeline.core.regrid import SourceGrid, TargetGrid, Weights, cached_weights
 from weather_pipeline.core.winds import cached_rotation_angle, rotate_to_earth
@@ -136,10 +144,10 @@ def _up_to_date(path: Path, md5: str, method: str) -> dict[str, Any] | None:
     return None
 
 
-def _decode(path: Path) -> grib.Field:
+def _decode(data: bytes, path: Path) -> grib.Field:
     try:
-        return grib.read_field(path)
-    except (grib.GribError, IndexError, OSError) as exc:
+        return grib.read_field(data, describe_field=False)
+    except (grib.GribError, IndexError) as exc:
         raise TileError(f"cannot decode {path}: {exc}") from None
 
 
@@ -165,7 +173,7 @@ def build_hour(
     gribs = cache.grib_paths_for_hour(model.name, run, hour)
 
     # Which variables need work: a missing GRIB is fine only when its tiles are already built.
-    todo: dict[str, str] = {}  # variable -> md5 of its GRIB
+    todo: dict[str, tuple[str, bytes]] = {}  # variable -> (md5, bytes) of its GRIB
     for var in wanted:
         path = gribs.get(var.name)
         tiles = [cache.tile_path(t.region, t.res, model.name, run, var.name, hour) for t in targets]
@@ -179,25 +187,27 @@ def build_hour(
                 f"{model.name} {run} f{hour:03d} {var.name}: no GRIB subset in the cache "
                 f"({cache.grib_path(model.name, run, var.name, hour)}); ingest it first"
             )
-        md5 = md5_file(path)
+        data = path.read_bytes()  # read once: hashed here, decoded below if needed
+        md5 = md5_bytes(data)
         current = [_up_to_date(p, md5, method) for p in tiles]
         if not force and all(current):
             for t, p, m in zip(targets, tiles, current):
                 report.results.append(TileResult(t.region, t.res, var.name, str(p), md5, m["stats"], False))
             continue
-        todo[var.name] = md5
+        todo[var.name] = (md5, data)
     # A rotated wind component needs its partner, so both are rebuilt together.
     for name in list(todo):
         pair = model.variables[name].pair
         if pair and pair not in todo and pair in gribs and model.variables[pair] in wanted:
-            todo[pair] = md5_file(gribs[pair])
+            data = gribs[pair].read_bytes()
+            todo[pair] = (md5_bytes(data), data)
             report.results = [r for r in report.results if r.variable != pair]
 
     fields: dict[str, np.ndarray] = {}
     grids: dict[str, SourceGrid] = {}
     t0 = time.perf_counter()
-    for name in todo:
-        f = _decode(gribs[name])
+    for name, (_md5, data) in todo.items():
+        f = _decode(data, gribs[name])
         fields[name], grids[name] = f.values, SourceGrid(f.grid_keys)
     for name in todo:
         var = model.variables[name]
@@ -207,7 +217,7 @@ def build_hour(
     report.decode_s = time.perf_counter() - t0
 
     generated_at = utc_now_iso()
-    for name, md5 in todo.items():
+    for name, (md5, _data) in todo.items():
         var = model.variables[name]
         rotated = bool(var.wind and int(grids[name].keys.get("uvRelativeToGrid") or 0) and var.pair in fields)
         for t in targets:
@@ -335,7 +345,10 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
         if not hits:
             raise TileError(f"{grib_path}: no message matches {search!r}")
         index = entries.index(hits[0])
-    f = grib.read_field(data, index)
+    try:
+        f = grib.read_field(data, index)
+    except (grib.GribError, IndexError) as exc:
+        raise TileError(f"cannot decode {grib_path}: {exc}") from None
     source = SourceGrid(f.grid_keys)
     if cache_dir is None:
         from weather_pipeline.core.regrid import compute_weights
@@ -347,7 +360,7 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
     stats = field_stats(tile)
     sidecar = {
         "source_file": str(grib_path),
-        "source_grib_md5": md5_file(Path(grib_path)),
+        "source_grib_md5": md5_bytes(data),
         "message": str(f.inventory) if f.inventory else None,
         "units": f.metadata.get("units"),
         "region": "custom",

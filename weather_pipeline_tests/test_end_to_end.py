@@ -91,7 +91,7 @@ def test_readme_cli_materializes_a_range_in_one_run(dagster_env):
         os.environ.pop("DAGSTER_HOME")
 
 
-def test_webserver_shows_the_assets_and_their_partitions(dagster_env):
+def test_webserver_shows_the_assets_partitions_and_checks(dagster_env):
     env, _ = dagster_env
     port = _free_port()
     proc = subprocess.Popen(
@@ -99,7 +99,8 @@ def test_webserver_shows_the_assets_and_their_partitions(dagster_env):
         cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_reset_signals,
     )
     try:
-        query = {"query": "{ assetNodes { assetKey { path } groupName partitionKeysByDimension { name partitionKeys } } }"}
+        query = {"query": "{ assetNodes { assetKey { path } groupName partitionKeysByDimension { name partitionKeys } "
+                           "assetChecksOrError { ... on AssetChecks { checks { name } } } } }"}
         deadline, nodes = time.monotonic() + 120, None
         while time.monotonic() < deadline:
             try:
@@ -119,6 +120,10 @@ def test_webserver_shows_the_assets_and_their_partitions(dagster_env):
         dims = {d["name"]: d["partitionKeys"] for d in hrrr["partitionKeysByDimension"]}
         assert dims["run"] == [HRRR_RUN]
         assert dims["hour"][:3] == ["000", "001", "002"] and len(dims["hour"]) == 49
+        tiles = by_name["hrrr_tiles"]
+        assert {c["name"] for c in tiles["assetChecksOrError"]["checks"]} == {
+            "sidecar_md5_matches_grib", "values_within_physical_bounds", "nan_fraction_under_threshold"}
+        assert by_name["gfs_tiles"]["groupName"] == "gfs"
     finally:
         proc.terminate()
         try:

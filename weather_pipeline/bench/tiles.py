@@ -228,15 +228,7 @@ import json, sys, time
 import weather_pipeline
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.tiles import update_run_tile
-
-def status():
-    out = {}
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
-                out[key] = int(value.split()[0]) * 1024
-    return out
+from weather_pipeline.bench.tiles import _proc_status as status
 
 before = status()
 t0 = time.perf_counter()

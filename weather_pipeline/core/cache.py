@@ -5,6 +5,7 @@
     {root}/tiles/{region}/{res}deg/{model}/{run}/{variable}.npz                 (+ .meta.json)
     {root}/weights/...          regridding indices and weights, keyed by grid hash
     {root}/status/deep.json     (deep status)
+    {root}/status/sources/{model}.json  (what the source has per run, written by ScanSource)
 
 Nothing is ever written outside the root, and nothing is half-written inside it: files are
 written under a temporary name in the destination directory and renamed into place, which is
@@ -76,6 +77,18 @@ class CacheLayout:
     @property
     def weights_dir(self) -> Path:
         return self.root / "weights"
+
+    # -- status ----------------------------------------------------------------------------
+    @property
+    def status_dir(self) -> Path:
+        return self.root / "status"
+
+    def source_availability_path(self, model: str) -> Path:
+        return self.status_dir / "sources" / f"{model}.json"
+
+    @property
+    def deep_status_path(self) -> Path:
+        return self.status_dir / "deep.json"
 
     # -- scratch space on the same file system (so renames stay atomic) -------------------
     @property

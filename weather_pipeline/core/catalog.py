@@ -106,6 +106,7 @@ class Source:
     title: str
     requests_per_minute: int | None = None
     keeps_hours: int | None = None
+    listing: str | None = None  # "s3": supports ListObjectsV2 (one request lists a run)
 
 
 @dataclass(frozen=True)
@@ -120,6 +121,9 @@ class Model:
     grid: Mapping[str, Any]
     variables: Mapping[str, Variable]
     keep_gribs: bool = False
+    retention_hours: int = 48
+    scan_lookback_hours: int = 6
+    publish_window_hours: int = 3
 
     # -- runs and hours ------------------------------------------------------------------
     @property
@@ -324,6 +328,9 @@ def _build_model(name: str, raw: Mapping[str, Any]) -> Model:
             grid=dict(raw.get("grid", {})),
             variables=variables,
             keep_gribs=bool(raw.get("keep_gribs", False)),
+            retention_hours=int(raw.get("retention_hours", 48)),
+            scan_lookback_hours=int(raw.get("scan_lookback_hours", 6)),
+            publish_window_hours=int(raw.get("publish_window_hours", 3)),
         )
     except (KeyError, TypeError, re.error) as exc:
         raise CatalogError(f"catalog entry for model {name!r} is malformed: {exc!r}") from None
@@ -337,6 +344,7 @@ def build_catalog(raw: Mapping[str, Any]) -> Catalog:
             title=s.get("title", name),
             requests_per_minute=s.get("requests_per_minute"),
             keeps_hours=s.get("keeps_hours"),
+            listing=s.get("listing"),
         )
         for name, s in raw.get("sources", {}).items()
     }

@@ -104,6 +104,73 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def _instance():
+    import os
+
+    from dagster import DagsterInstance
+
+    if not os.environ.get("DAGSTER_HOME"):
+        raise UsageError("DAGSTER_HOME is not set: point it at the Dagster instance (make sets ./.dagster_home)")
+    return DagsterInstance.get()
+
+
+def _cmd_gaps_plan(args: argparse.Namespace) -> int:
+    from weather_pipeline.orchestration import gaps
+    from weather_pipeline.orchestration.resources import resources_from_env
+
+    if args.since:
+        from weather_pipeline.core.catalog import parse_run_key
+
+        parse_run_key(args.since)
+    models = [load_catalog().model(args.model).name] if args.model else None
+    with _instance() as instance:
+        found = gaps.plan(instance, resources_from_env()["noaa"], models=models, since=args.since,
+                          progress=lambda m: print(m, file=sys.stderr))
+    for g in found:
+        print(g.to_json())
+    print(f"{len(found)} missing hours that the source has", file=sys.stderr)
+    return 0
+
+
+def _read_manifest(path: str):
+    from weather_pipeline.orchestration import gaps
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"no such manifest: {path}")
+    try:
+        return gaps.read_manifest(p.read_text().splitlines())
+    except ValueError as exc:
+        raise UsageError(f"{path}: {exc}") from None
+
+
+def _cmd_gaps_dispatch(args: argparse.Namespace) -> int:
+    from weather_pipeline.orchestration import gaps
+
+    entries = _read_manifest(args.manifest)
+    if not entries:
+        print("manifest is empty: nothing to dispatch")
+        return 0
+    with _instance() as instance:
+        ids = gaps.dispatch(instance, entries)
+    print(f"launched {len(ids)} backfills (priority {gaps.GAP_FILL_PRIORITY}) for {len(entries)} hours: {', '.join(ids)}")
+    print("the Dagster daemon runs them (make dev, or dagster-daemon run)")
+    return 0
+
+
+def _cmd_gaps_verify(args: argparse.Namespace) -> int:
+    from weather_pipeline.orchestration import gaps
+
+    entries = _read_manifest(args.manifest)
+    with _instance() as instance:
+        still = gaps.verify(instance, entries)
+    if still:
+        print(f"{len(still)} of {len(entries)} entries still missing: {gaps.summarize(still)}")
+        return 1
+    print(f"all {len(entries)} entries are materialized")
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from weather_pipeline.demo import run_demo
 
@@ -158,6 +225,30 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=int, default=8765, help="port (default 8765; 0 picks a free one)")
     s.add_argument("--verbose", action="store_true", help="log one line per request")
     s.set_defaults(func=_cmd_mirror_serve)
+
+    p = sub.add_parser(
+        "gaps",
+        help="gap fill: plan, dispatch and verify missing forecast hours",
+        description="Gap fill against the Dagster instance in $DAGSTER_HOME and the sources configured "
+        "by WEATHER_PIPELINE_SOURCES (see README).",
+    )
+    gsub = p.add_subparsers(dest="gaps_command", required=True, metavar="SUBCOMMAND")
+    g = gsub.add_parser("plan", help="list missing (model, run, hour) that the source has, as JSON lines",
+                        description="Print one JSON line per forecast hour the source has and the GRIB asset "
+                        "has not materialized, for runs within each model's retention (or since --since).")
+    g.add_argument("--model", help="only this model (default: every catalog model)")
+    g.add_argument("--since", metavar="YYYYMMDD_HH", help="oldest run to consider (default: retention window)")
+    g.set_defaults(func=_cmd_gaps_plan)
+    g = gsub.add_parser("dispatch", help="launch a manifest as low-priority Dagster backfills",
+                        description="Launch one asset backfill per model run for the manifest's hours, at "
+                        "low priority; the daemon batches contiguous hours into one run each.")
+    g.add_argument("manifest", help="a manifest from `gaps plan` (JSON lines)")
+    g.set_defaults(func=_cmd_gaps_dispatch)
+    g = gsub.add_parser("verify", help="check a manifest's entries are materialized (exit 1 if not)",
+                        description="Audit every manifest entry against the GRIB asset's materializations; "
+                        "print what is still missing and exit with status 1 if anything is.")
+    g.add_argument("manifest", help="a manifest from `gaps plan` (JSON lines)")
+    g.set_defaults(func=_cmd_gaps_verify)
 
     p = sub.add_parser(
         "tile",

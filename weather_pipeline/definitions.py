@@ -1,14 +1,38 @@
-"""The Dagster code location: assets built from the catalog, resources from the environment."""
+"""The Dagster code location: assets, jobs, sensors and the schedule, built from the catalog.
+
+Resources come from the environment (see orchestration/resources.py); the GRIB assets' download
+pool is named after the first configured source, so its limit in dagster.yaml applies per source.
+"""
+
+import os
 
 from dagster import Definitions
 
 from weather_pipeline.core.catalog import load_catalog
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset
+from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, download_pool
+from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
 from weather_pipeline.orchestration.resources import resources_from_env
+from weather_pipeline.orchestration.schedules import prune_cache_job, prune_cache_schedule
+from weather_pipeline.orchestration.sensors import build_scan_source_sensor, build_tiles_follow_gribs_sensor
 
-catalog = load_catalog()
 
-defs = Definitions(
-    assets=[build(model) for model in catalog.models.values() for build in (build_grib_asset, build_tile_asset)],
-    resources=resources_from_env(),
-)
+def build_definitions(env: dict[str, str] | None = None) -> Definitions:
+    env = dict(os.environ if env is None else env)
+    catalog = load_catalog()
+    pool = download_pool(env.get("WEATHER_PIPELINE_SOURCES", "aws,nomads").split(",")[0].strip())
+    assets, jobs, sensors = [], [prune_cache_job], []
+    for model in catalog.models.values():
+        assets += [build_grib_asset(model, pool=pool), build_tile_asset(model)]
+        ingest, tiles = build_ingest_job(model), build_tile_job(model)
+        jobs += [ingest, tiles]
+        sensors += [build_scan_source_sensor(model, ingest), build_tiles_follow_gribs_sensor(model, tiles)]
+    return Definitions(
+        assets=assets,
+        jobs=jobs,
+        sensors=sensors,
+        schedules=[prune_cache_schedule],
+        resources=resources_from_env(env),
+    )
+
+
+defs = build_definitions()

@@ -1,11 +1,12 @@
 """`make demo`: the whole flow on embedded defaults against a generated local mirror.
 
-1. generate a small NOAA-identical mirror (one HRRR and one GFS run, a few hours each);
+1. generate a small NOAA-identical mirror (one recent HRRR and one recent GFS run, a few hours);
 2. serve it on a free loopback port;
-3. add the run partitions to the project's Dagster instance ($DAGSTER_HOME) and materialize
-   each model's GRIB and tile assets, one Dagster run per model run (a partition range);
-4. print what landed in the cache, read back from the instance's materializations, and the
-   tile files written.
+3. start the Dagster daemon on the project's instance ($DAGSTER_HOME) for as long as it takes:
+   the ScanSource sensors find the runs, add their partitions and queue one ingest run per batch
+   of hours; the queue launches them; the tiles-follow-GRIBs sensors queue the tile runs. This is
+   the production path, not a hand-written loop;
+4. print what landed, read back from the instance's materializations, and the tiles written.
 """
 
 from __future__ import annotations
@@ -17,43 +18,31 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-from dagster import AssetKey, DagsterInstance, materialize
+from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import format_run_key, load_catalog
 from weather_pipeline.mirror.generate import generate_run, mirror_relative_path
 from weather_pipeline.mirror.server import MirrorServer
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, grib_asset_name
-from weather_pipeline.orchestration.partitions import partition_key, run_partitions
-from weather_pipeline.orchestration.resources import resources_from_env
+from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
+from weather_pipeline.orchestration.local_daemon import dagster_daemon, wait_for
+from weather_pipeline.orchestration.partitions import partition_key
 
-RANGE_START_TAG = "dagster/asset_partition_range_start"
-RANGE_END_TAG = "dagster/asset_partition_range_end"
+#: how long the demo lets the daemon work before giving up
+DEMO_TIMEOUT_S = 150
 
 
 def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def contiguous_groups(hours: Sequence[int], all_hours: Sequence[int]) -> list[list[int]]:
-    """Split hours into runs of neighbours in the model's hour list (a range must be a rectangle)."""
-    position = {h: i for i, h in enumerate(all_hours)}
-    groups: list[list[int]] = []
-    for h in sorted(hours):
-        if groups and position[h] == position[groups[-1][-1]] + 1:
-            groups[-1].append(h)
-        else:
-            groups.append([h])
-    return groups
-
-
 def demo_run_key(model_name: str, now: datetime) -> str:
-    """The newest long (00/06/12/18z) run at least three hours old, as a live cache would see."""
-    model = load_catalog().model(model_name)
-    t = model.latest_run_before(now - timedelta(hours=3))
-    while t.hour % 6:
-        t = model.latest_run_before(t - timedelta(hours=1))
-    return format_run_key(t)
+    """The newest run at least an hour old: well inside the scanner's lookback, as a live run is."""
+    return format_run_key(load_catalog().model(model_name).latest_run_before(now - timedelta(hours=1)))
+
+
+def _materialized(instance: DagsterInstance, asset: str, keys: set[str]) -> set[str]:
+    return keys & set(instance.get_materialized_partitions(AssetKey(asset)))
 
 
 def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int]) -> int:
@@ -82,6 +71,7 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
         _say(f"      {name} {run}: {len(todo)} hours in {time.monotonic() - t0:.1f} s")
 
     instance = DagsterInstance.get()
+    wanted = {name: {str(partition_key(run, h)) for h in hours} for name, (run, hours) in plan.items()}
     with MirrorServer(mirror_root) as server:
         _say(f"[2/4] mirror serving at {server.url}")
         env = {
@@ -91,47 +81,49 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
             "WEATHER_PIPELINE_CACHE": str(cache_root),
             # Keep the GRIB subsets so they can be inspected; by default they are deleted once tiled.
             "WEATHER_PIPELINE_KEEP_GRIBS": "all",
+            "WEATHER_PIPELINE_SCAN_INTERVAL_S": "5",
         }
-        resources = resources_from_env(env)
-        _say(f"[3/4] materializing GRIB and tile assets through Dagster (instance: {os.environ['DAGSTER_HOME']})")
-        run_ids: dict[str, list[str]] = {}
-        for name, (run, hours) in plan.items():
-            model = catalog.model(name)
-            instance.add_dynamic_partitions(run_partitions(name).name, [run])
-            assets = [build_grib_asset(model), build_tile_asset(model)]
-            for group in contiguous_groups(hours, model.all_hours):
-                t0 = time.monotonic()
-                result = materialize(
-                    assets,
-                    instance=instance,
-                    resources=resources,
-                    # INFO shows the asset's per-hour progress lines without Dagster's DEBUG events.
-                    run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
-                    tags={
-                        RANGE_START_TAG: str(partition_key(run, group[0])),
-                        RANGE_END_TAG: str(partition_key(run, group[-1])),
-                        "model": name,
-                        "task": "ingest_grib",
-                    },
-                    raise_on_error=False,
-                )
-                status = "ok" if result.success else "FAILED"
-                _say(f"      {name} {run} f{group[0]:03d}-f{group[-1]:03d}: run {result.run_id[:8]} {status} "
-                     f"in {time.monotonic() - t0:.1f} s")
-                run_ids.setdefault(name, []).append(result.run_id)
-                if not result.success:
-                    return 1
+        _say(f"[3/4] starting the Dagster daemon on {os.environ['DAGSTER_HOME']}: sensors scan the mirror, "
+             "the run queue launches ingest and tile runs")
+        log_path = Path(os.environ["DAGSTER_HOME"]) / "demo-daemon.log"
+        last = [""]
+
+        def progress() -> None:
+            counts = {s.value: instance.get_runs_count(RunsFilter(statuses=[s], created_after=now))
+                      for s in (DagsterRunStatus.QUEUED, DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS,
+                                DagsterRunStatus.FAILURE)}
+            done = {name: (len(_materialized(instance, grib_asset_name(name), keys)),
+                           len(_materialized(instance, tile_asset_name(name), keys)), len(keys))
+                    for name, keys in wanted.items()}
+            line = ("      runs: " + ", ".join(f"{k.lower()} {v}" for k, v in counts.items()) + " | "
+                    + ", ".join(f"{n} gribs {g}/{t} tiles {ti}/{t}" for n, (g, ti, t) in done.items()))
+            if line != last[0]:
+                _say(line)
+                last[0] = line
+
+        with dagster_daemon(env, log_path=log_path):
+            ok = wait_for(
+                lambda: all(_materialized(instance, tile_asset_name(n), keys) == keys for n, keys in wanted.items()),
+                timeout=DEMO_TIMEOUT_S, interval=2.0, on_wait=progress,
+            )
+            progress()
+        if not ok:
+            _say(f"the daemon did not finish within {DEMO_TIMEOUT_S} s; see {log_path} and the runs in `make dev`")
+            return 1
 
     _say("[4/4] summary (from the instance's materializations and the cache)")
     layout = CacheLayout(cache_root)
     _say(f"      {'model':6} {'run':12} {'hours':>5} {'files':>5} {'MB':>8} {'requests':>8}")
     for name, (run, hours) in plan.items():
         records = instance.fetch_materializations(AssetKey(grib_asset_name(name)), limit=10_000).records
-        mine = [r for r in records if r.run_id in run_ids[name]]
-        requests = sum(int(r.asset_materialization.metadata["requests"].value) for r in mine)
-        files = [p for p in layout.grib_run_dir(name, run).rglob("grib_*.grib2")]
+        latest: dict[str, object] = {}
+        for r in records:  # newest first: keep the latest materialization per partition
+            if r.partition_key in wanted[name]:
+                latest.setdefault(r.partition_key, r)
+        requests = sum(int(r.asset_materialization.metadata["requests"].value) for r in latest.values())
+        files = list(layout.grib_run_dir(name, run).rglob("grib_*.grib2"))
         size = sum(p.stat().st_size for p in files)
-        _say(f"      {name:6} {run:12} {len(mine):>5} {len(files):>5} {size / 1e6:>8.2f} {requests:>8}")
+        _say(f"      {name:6} {run:12} {len(latest):>5} {len(files):>5} {size / 1e6:>8.2f} {requests:>8}")
     _say("      tiles written (hourly tile_HHH.npz + .meta.json per variable, and run tiles {variable}.npz):")
     for name, (run, hours) in plan.items():
         for region_dir in sorted(layout.tiles_root.glob(f"*/*/{name}/{run}")):
@@ -141,5 +133,6 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
                  + ", ".join(p.name for p in run_tiles))
     _say(f"done in {time.monotonic() - t_start:.0f} s; GRIB subsets under {layout.gribs_root} (kept for the demo), "
          f"tiles under {layout.tiles_root}")
-    _say("next: `make dev` opens the Dagster UI at http://127.0.0.1:3000 with these assets and partitions")
+    _say("next: `make dev` opens the Dagster UI at http://127.0.0.1:3000 with these assets, runs and sensors")
     return 0
+

@@ -6,7 +6,12 @@ server answers the way S3 does for the requests our download client makes:
 
 * ``GET``/``HEAD`` of an object, with single byte ranges (``bytes=A-B``,
   ``bytes=A-``, ``bytes=-N``), ``206``/``416`` and S3-style XML errors;
-* ``GET /?list-type=2&prefix=P&delimiter=/`` prefix listings (no pagination).
+* ``GET /?list-type=2&prefix=P&delimiter=/`` prefix listings of the whole root
+  and, path-style, ``GET /<bucket>/?list-type=2&prefix=P`` listings of one
+  top-level directory (keys relative to it, ``<Name>`` the bucket), which is
+  how the catalog's mirror URLs (``{mirror}/noaa-hrrr-bdp-pds``) are listed;
+  both page with ``max-keys`` and ``continuation-token`` when asked to (without
+  ``max-keys`` every match comes in one response, unlike S3's 1000 cap).
 
 For tests of a client's retry and verification logic it can inject faults
 (error statuses, ignored ranges, truncated or corrupted bodies, delays and
@@ -28,6 +33,7 @@ or from a shell: ``python -m weather_pipeline.mirror.server /data/mirror --port 
 from __future__ import annotations
 
 import argparse
+import base64
 import email.utils
 import hashlib
 import json
@@ -131,7 +137,7 @@ class FaultRule:
 
     ``path_glob`` is matched with :func:`fnmatch.fnmatchcase` against the
     decoded URL path without its leading slash (the S3 key; ``""`` for the
-    bucket listing).  Note that ``*`` also matches ``/``.  ``times`` is how many
+    root listing, ``"<bucket>/"`` for a path-style bucket listing).  Note that ``*`` also matches ``/``.  ``times`` is how many
     requests the rule affects before it is used up (``None``: forever).
 
     Mode parameters (the others are ignored):
@@ -494,7 +500,12 @@ class _Handler(BaseHTTPRequestHandler):
             return None
 
         params = parse_qs(query, keep_blank_values=True)
-        response = self._listing(params) if key == "" else self._object(key)
+        if key == "":
+            response = self._listing(params)
+        elif (bucket := self._listed_bucket(key, params)) is not None:
+            response = self._listing(params, bucket)
+        else:
+            response = self._object(key)  # a directory is no object: 404
         try:
             facts = _RequestFacts(
                 key=key,
@@ -557,11 +568,57 @@ class _Handler(BaseHTTPRequestHandler):
             handle.close()
             raise
 
-    def _listing(self, params: dict[str, list[str]]) -> _Response:
+    def _listed_bucket(self, key: str, params: dict[str, list[str]]) -> str | None:
+        """The bucket of a path-style ListObjectsV2 request (``/<bucket>/?list-type=2``).
+
+        Only a single existing top-level directory, with or without its
+        trailing slash, and only with ``list-type=2``: any other request for a
+        directory stays a 404, as S3 has no objects named like a prefix.
+        """
+        if params.get("list-type") != ["2"]:
+            return None
+        bucket = key[:-1] if key.endswith("/") else key
+        if not bucket or "/" in bucket or self.server.mirror._safe_dir(bucket) is None:
+            return None
+        return bucket
+
+    def _listing(self, params: dict[str, list[str]], bucket: str | None = None) -> _Response:
+        """A ListObjectsV2 answer for the root (``bucket=None``) or one top-level directory."""
         prefix = params.get("prefix", [""])[0]
         delimiter = params.get("delimiter", [""])[0]
+        token = params.get("continuation-token", [None])[0]
+        raw_max_keys = params.get("max-keys", [None])[0]
+        try:
+            max_keys = None if raw_max_keys is None else int(raw_max_keys)
+            if max_keys is not None and max_keys < 0:
+                raise ValueError(raw_max_keys)
+        except ValueError:
+            return _error_response(
+                400, "InvalidArgument", "max-keys must be a non-negative integer", ""
+            )
+        after = None
+        if token is not None:
+            after = _decode_token(token)
+            if after is None:
+                return _error_response(
+                    400, "InvalidArgument", "The continuation token provided is incorrect", ""
+                )
+
         mirror = self.server.mirror
-        contents, common = mirror._list(prefix, delimiter)
+        # The bucket directory is just the first key segment below the root.
+        key_base = f"{bucket}/" if bucket else ""
+        contents, common = mirror._list(key_base + prefix, delimiter)
+        # S3 pages keys and common prefixes together, in key order.
+        entries: list[tuple[str, os.stat_result | None]] = sorted(
+            [(key[len(key_base) :], st) for key, st in contents]
+            + [(p[len(key_base) :], None) for p in common],
+            key=lambda item: item[0],
+        )
+        if after is not None:
+            entries = [entry for entry in entries if entry[0] > after]
+        page = entries if max_keys is None else entries[:max_keys]
+        truncated = max_keys is not None and 0 < max_keys < len(entries)
+
         parts = [
             '<?xml version="1.0" encoding="UTF-8"?>',
             f'<ListBucketResult xmlns="{S3_XMLNS}">',
@@ -570,22 +627,30 @@ class _Handler(BaseHTTPRequestHandler):
         ]
         if delimiter:
             parts.append(f"<Delimiter>{escape(delimiter)}</Delimiter>")
+        if token is not None:
+            parts.append(f"<ContinuationToken>{escape(token)}</ContinuationToken>")
         parts += [
-            f"<KeyCount>{len(contents) + len(common)}</KeyCount>",
-            "<MaxKeys>1000</MaxKeys>",
-            "<IsTruncated>false</IsTruncated>",
+            f"<KeyCount>{len(page)}</KeyCount>",
+            f"<MaxKeys>{1000 if max_keys is None else max_keys}</MaxKeys>",
+            f"<IsTruncated>{'true' if truncated else 'false'}</IsTruncated>",
         ]
-        for key, st in contents:
+        if truncated:
+            next_token = _encode_token(page[-1][0])
+            parts.append(f"<NextContinuationToken>{next_token}</NextContinuationToken>")
+        for key, st in page:
+            if st is None:
+                continue
             modified = time.strftime("%Y-%m-%dT%H:%M:%S.000Z", time.gmtime(st.st_mtime))
             parts.append(
                 f"<Contents><Key>{escape(key)}</Key><LastModified>{modified}</LastModified>"
                 f"<ETag>{escape(_etag(st))}</ETag><Size>{st.st_size}</Size>"
                 "<StorageClass>STANDARD</StorageClass></Contents>"
             )
-        for common_prefix in common:
-            parts.append(
-                f"<CommonPrefixes><Prefix>{escape(common_prefix)}</Prefix></CommonPrefixes>"
-            )
+        for common_prefix, st in page:
+            if st is None:
+                parts.append(
+                    f"<CommonPrefixes><Prefix>{escape(common_prefix)}</Prefix></CommonPrefixes>"
+                )
         parts.append("</ListBucketResult>")
         body = "".join(parts).encode("utf-8")
         return _Response(200, [("Content-Type", "application/xml")], body=body)
@@ -763,6 +828,21 @@ def _error_response(status: int, code: str, message: str, key: str) -> _Response
         f"<Error><Code>{escape(code)}</Code><Message>{escape(message)}</Message>{key_xml}</Error>"
     ).encode("utf-8")
     return _Response(status, [("Content-Type", "application/xml")], body=body)
+
+
+def _encode_token(last_key: str) -> str:
+    """An opaque-looking continuation token: the last key of the page, base64url."""
+    return base64.urlsafe_b64encode(last_key.encode("utf-8")).decode("ascii")
+
+
+def _decode_token(token: str) -> str | None:
+    """The key a continuation token resumes after, or None if it is not one of ours."""
+    try:
+        # validate=True: reject rather than skip characters outside the alphabet.
+        raw = base64.b64decode(token.encode("ascii"), altchars=b"-_", validate=True)
+        return raw.decode("utf-8")
+    except (ValueError, UnicodeError):  # binascii.Error is a ValueError
+        return None
 
 
 def _etag(st: os.stat_result) -> str:
@@ -980,7 +1060,7 @@ class MirrorServer:
     ) -> tuple[list[tuple[str, os.stat_result]], list[str]]:
         """S3 ListObjects semantics: (keys with stats, common prefixes), sorted.
 
-        No pagination: every match is returned in one response.
+        Every match is returned; the handler cuts pages (``max-keys``).
         """
         dir_key, _, name_start = prefix.rpartition("/")
         base = self._safe_dir(dir_key)

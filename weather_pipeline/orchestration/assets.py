@@ -15,11 +15,14 @@ from dagster import (
     AssetKey,
     AssetRecordsFilter,
     AssetsDefinition,
+    Backoff,
     BackfillPolicy,
     BetaWarning,
     Failure,
+    Jitter,
     MaterializeResult,
     MetadataValue,
+    RetryPolicy,
     asset,
 )
 
@@ -77,12 +80,24 @@ def ingest_metadata(report: IngestReport) -> dict:
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 
 
-def build_grib_asset(model: Model) -> AssetsDefinition:
+#: Transient download trouble that outlasted the HTTP client's own retries: try the step again
+#: a few times, waiting 10 s, 20 s, 40 s (+-jitter) so concurrent runs do not retry in step.
+DOWNLOAD_RETRY_POLICY = RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+
+
+def download_pool(source: str) -> str:
+    """The concurrency pool of GRIB downloads from one source (limit set in dagster.yaml)."""
+    return f"download_{source}"
+
+
+def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
     @asset(
         name=grib_asset_name(model.name),
         group_name=model.name,
         partitions_def=model_partitions(model),
         backfill_policy=BackfillPolicy.single_run(),
+        retry_policy=DOWNLOAD_RETRY_POLICY,
+        pool=pool,
         kinds={"grib2"},
         description=(
             f"{model.title}: the default variables of each forecast hour as GRIB2 subsets, "

@@ -14,6 +14,7 @@ import random
 import socket
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -273,12 +274,20 @@ def test_other_methods_are_405(server: MirrorServer) -> None:
 # --------------------------------------------------------------------------
 
 
-def list_bucket(server: MirrorServer, query: str) -> tuple[list[str], dict[str, int]]:
-    response, body = request(server, "/?" + query)
-    assert response.status == 200
+def list_xml(server: MirrorServer, path: str) -> ET.Element:
+    """GET a listing URL (path and query) and return its ListBucketResult element."""
+    response, body = request(server, path)
+    assert response.status == 200, body
     assert response.getheader("Content-Type") == "application/xml"
     root = ET.fromstring(body)
     assert root.tag == f"{{{NS['s3']}}}ListBucketResult"
+    return root
+
+
+def list_bucket(
+    server: MirrorServer, query: str, path: str = "/"
+) -> tuple[list[str], dict[str, int]]:
+    root = list_xml(server, f"{path}?{query}")
     assert root.findtext("s3:IsTruncated", namespaces=NS) == "false"
     prefixes = [p.text or "" for p in root.findall("s3:CommonPrefixes/s3:Prefix", NS)]
     contents = {
@@ -318,6 +327,134 @@ def test_listing_without_delimiter_is_recursive(server: MirrorServer) -> None:
 
 def test_listing_cannot_escape_root(server: MirrorServer) -> None:
     assert list_bucket(server, "list-type=2&prefix=../&delimiter=/") == ([], {})
+
+
+# Path-style bucket listings: the top-level directories of the root act as buckets,
+# as the catalog's mirror URLs ({mirror}/noaa-hrrr-bdp-pds) expect.
+
+AK_KEY = "alaska/hrrr.t00z.wrfsfcf00.ak.grib2"
+CONUS_GRIB = GRIB_KEY.removeprefix("hrrr.20260512/")
+
+
+@pytest.mark.parametrize("path", ["/hrrr.20260512/", "/hrrr.20260512"])
+def test_path_style_listing_has_keys_relative_to_the_bucket(
+    server: MirrorServer, path: str
+) -> None:
+    root = list_xml(server, path + "?list-type=2&prefix=conus/hrrr.t00z.wrfsfcf")
+    assert root.findtext("s3:Name", namespaces=NS) == "hrrr.20260512"
+    assert root.findtext("s3:Prefix", namespaces=NS) == "conus/hrrr.t00z.wrfsfcf"
+    _, contents = list_bucket(server, "list-type=2&prefix=conus/hrrr.t00z.wrfsfcf", path)
+    assert contents == {
+        CONUS_GRIB: SIZE,
+        CONUS_GRIB + ".idx": len((server.root / IDX_KEY).read_bytes()),
+    }
+
+
+def test_path_style_listing_recursive_and_with_delimiter(server: MirrorServer) -> None:
+    prefixes, contents = list_bucket(server, "list-type=2", "/hrrr.20260512/")
+    assert prefixes == [] and list(contents) == sorted([CONUS_GRIB, CONUS_GRIB + ".idx", AK_KEY])
+    prefixes, contents = list_bucket(server, "list-type=2&prefix=&delimiter=/", "/hrrr.20260512/")
+    assert (prefixes, contents) == (["alaska/", "conus/"], {})
+    # Another bucket sees only its own keys.
+    _, contents = list_bucket(server, "list-type=2", "/gfs.20260512/")
+    assert list(contents) == ["00/atmos/gfs.t00z.pgrb2.0p25.f000"]
+
+
+def test_path_style_listing_of_a_bucket_without_keys_is_empty(server: MirrorServer) -> None:
+    assert list_bucket(server, "list-type=2", "/empty.20260101/") == ([], {})
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/hrrr.20260512/",  # a directory without list-type=2 is no object
+        "/hrrr.20260512",
+        "/hrrr.20260512/?list-type=1",
+        "/hrrr.20260512/?prefix=conus/",
+        "/hrrr.20260512/conus/?list-type=2",  # buckets are top-level only
+        "/hrrr.20260512/conus?list-type=2",
+        "/no-such-bucket/?list-type=2",
+        "/../?list-type=2",
+        "/link-dir/?list-type=2",  # a symlink to a directory outside the root
+    ],
+)
+def test_directory_requests_that_are_not_bucket_listings_are_404(
+    server: MirrorServer, mirror_root: Path, path: str
+) -> None:
+    (mirror_root / "link-dir").symlink_to(mirror_root.parent, target_is_directory=True)
+    response, body = request(server, path)
+    assert response.status == 404
+    assert b"ListBucketResult" not in body and b"secret" not in body
+
+
+def test_list_type_on_a_file_still_serves_the_file(server: MirrorServer) -> None:
+    response, body = request(server, "/index.html?list-type=2")
+    assert (response.status, body) == (200, b"<html/>")
+
+
+def test_path_style_listing_prefix_cannot_escape_the_bucket(server: MirrorServer) -> None:
+    assert list_bucket(server, "list-type=2&prefix=../", "/hrrr.20260512/") == ([], {})
+    assert list_bucket(server, "list-type=2&prefix=../gfs", "/hrrr.20260512/") == ([], {})
+
+
+def test_path_style_listing_can_be_faulted_by_bucket_glob(server: MirrorServer) -> None:
+    rule = server.faults.add("hrrr.20260512/", "status", code=503)
+    response, _ = request(server, "/hrrr.20260512/?list-type=2")
+    assert response.status == 503 and rule.used == 1
+    assert list_bucket(server, "list-type=2", "/hrrr.20260512/")[1]
+
+
+def _all_pages(server: MirrorServer, path: str, query: str) -> list[tuple[list[str], bool]]:
+    """Follow continuation tokens; returns (keys and prefixes, IsTruncated) per page."""
+    pages: list[tuple[list[str], bool]] = []
+    token = None
+    while True:
+        suffix = "" if token is None else "&" + urllib.parse.urlencode({"continuation-token": token})
+        root = list_xml(server, f"{path}?{query}{suffix}")
+        names = [k.text or "" for k in root.findall("s3:Contents/s3:Key", NS)]
+        names += [p.text or "" for p in root.findall("s3:CommonPrefixes/s3:Prefix", NS)]
+        truncated = root.findtext("s3:IsTruncated", namespaces=NS) == "true"
+        assert int(root.findtext("s3:KeyCount", namespaces=NS) or -1) == len(names)
+        pages.append((names, truncated))
+        token = root.findtext("s3:NextContinuationToken", namespaces=NS)
+        assert (token is not None) == truncated
+        if not truncated:
+            return pages
+        assert len(pages) < 10, "pagination does not terminate"
+
+
+def test_max_keys_pages_with_continuation_tokens(server: MirrorServer) -> None:
+    pages = _all_pages(server, "/hrrr.20260512/", "list-type=2&max-keys=2")
+    assert pages == [
+        ([AK_KEY, CONUS_GRIB], True),
+        ([CONUS_GRIB + ".idx"], False),
+    ]
+    root = list_xml(server, "/hrrr.20260512/?list-type=2&max-keys=2")
+    assert root.findtext("s3:MaxKeys", namespaces=NS) == "2"
+
+
+def test_max_keys_counts_common_prefixes_at_the_root(server: MirrorServer) -> None:
+    pages = _all_pages(server, "/", "list-type=2&delimiter=/&max-keys=1")
+    assert pages == [
+        (["gfs.20260512/"], True),
+        (["hrrr.20260512/"], True),
+        (["index.html"], False),
+    ]
+
+
+def test_max_keys_larger_than_the_listing_is_one_page(server: MirrorServer) -> None:
+    assert _all_pages(server, "/hrrr.20260512/", "list-type=2&max-keys=3") == [
+        ([AK_KEY, CONUS_GRIB, CONUS_GRIB + ".idx"], False)
+    ]
+
+
+@pytest.mark.parametrize(
+    "query", ["list-type=2&max-keys=-1", "list-type=2&max-keys=x", "list-type=2&continuation-token=%25"]
+)
+def test_bad_paging_parameters_are_400(server: MirrorServer, query: str) -> None:
+    response, body = request(server, "/hrrr.20260512/?" + query)
+    assert response.status == 400
+    assert b"<Code>InvalidArgument</Code>" in body
 
 
 # --------------------------------------------------------------------------

@@ -1,0 +1,97 @@
+"""ScanSource and tiles-follow-GRIBs sensors, called directly on an ephemeral instance."""
+
+from datetime import datetime, timezone
+
+import pytest
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_sensor_context, materialize
+
+from weather_pipeline.core.cache import CacheLayout
+from weather_pipeline.core.catalog import load_catalog
+from weather_pipeline.core.scan import candidate_runs, load_availability
+from weather_pipeline.orchestration import sensors
+from weather_pipeline.orchestration.assets import build_grib_asset
+from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
+from weather_pipeline.orchestration.partitions import partition_key
+from weather_pipeline.orchestration.resources import resources_from_env
+from weather_pipeline_tests.mirror_fixtures import HRRR_RUN
+
+NOW = datetime(2026, 5, 12, 2, 30, tzinfo=timezone.utc)  # the fixture's HRRR 00z run is 2.5 h old
+RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_partition_range_end"
+
+
+@pytest.fixture()
+def setup(mirror, tmp_path, monkeypatch):
+    monkeypatch.setattr(sensors, "utcnow", lambda: NOW)
+    model = load_catalog().model("hrrr")
+    resources = resources_from_env({"WEATHER_PIPELINE_SOURCES": "mirror", "WEATHER_PIPELINE_MIRROR_URL": mirror.url,
+                                    "WEATHER_PIPELINE_CACHE": str(tmp_path / "cache")})
+    scan = sensors.build_scan_source_sensor(model, build_ingest_job(model))
+    instance = DagsterInstance.ephemeral()
+    return model, resources, scan, instance, CacheLayout(tmp_path / "cache")
+
+
+def _tick(sensor, instance, resources, cursor=None):
+    ctx = build_sensor_context(instance=instance, resources=resources, cursor=cursor)
+    return sensor(ctx)
+
+
+def test_new_run_adds_its_partition_and_one_batched_request(setup, mirror):
+    model, resources, scan, instance, layout = setup
+    result = _tick(scan, instance, resources)
+    (add,) = result.dynamic_partitions_requests
+    assert add.partitions_def_name == "hrrr_runs" and list(add.partition_keys) == [HRRR_RUN]
+    (req,) = result.run_requests
+    assert req.tags[RANGE_START] == str(partition_key(HRRR_RUN, 0)) and req.tags[RANGE_END] == str(partition_key(HRRR_RUN, 2))
+    assert req.tags["model"] == "hrrr" and req.tags["run"] == HRRR_RUN and req.tags["task"] == "ingest_grib"
+    assert req.tags["dagster/priority"] == "98"  # 2 h old
+    assert req.run_key == f"hrrr:{HRRR_RUN}:000-002:0"
+    avail = load_availability(layout, "hrrr")[HRRR_RUN]
+    assert avail.hours == (0, 1, 2) and avail.source == "mirror" and len(avail.expected) == 49
+    # One listing request per run in the lookback (6 h of hourly HRRR runs), nothing else.
+    listings = [r for r in mirror.request_log if "list-type=2" in r.query]
+    assert len(listings) == len(mirror.request_log) == len(candidate_runs(model, NOW)) == 6
+
+
+def test_only_hours_neither_materialized_nor_in_flight_are_requested(setup):
+    model, resources, scan, instance, _ = setup
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+                       partition_key=str(partition_key(HRRR_RUN, 0))).success
+    (req,) = _tick(scan, instance, resources).run_requests
+    assert (req.tags[RANGE_START], req.tags[RANGE_END]) == (str(partition_key(HRRR_RUN, 1)), str(partition_key(HRRR_RUN, 2)))
+    instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id="inflight", status=DagsterRunStatus.STARTED,
+                                tags={"model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib",
+                                      RANGE_START: str(partition_key(HRRR_RUN, 1)), RANGE_END: str(partition_key(HRRR_RUN, 2))}))
+    result = _tick(scan, instance, resources)
+    assert not result.run_requests
+
+
+def test_repeatedly_failing_hours_are_left_to_gap_fill(setup):
+    model, resources, scan, instance, _ = setup
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    for i in range(sensors.MAX_AUTOMATIC_ATTEMPTS):
+        instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id=f"failed-{i}", status=DagsterRunStatus.FAILURE,
+                                    tags={"model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib",
+                                          "dagster/partition": str(partition_key(HRRR_RUN, 1))}))
+    reqs = _tick(scan, instance, resources).run_requests
+    # Hours 0-2 form one batch that overlaps the failing hour: it has had its attempts.
+    assert reqs == []
+
+
+def test_newer_runs_get_higher_priority():
+    assert sensors.run_priority("20260512_02", NOW) > sensors.run_priority("20260512_00", NOW) > sensors.run_priority("20260501_00", NOW) >= 1
+    assert sensors.GAP_FILL_PRIORITY < 1
+
+
+def test_tiles_follow_new_grib_materializations_in_batches(setup):
+    model, resources, _, instance, _ = setup
+    follow = sensors.build_tiles_follow_gribs_sensor(model, build_tile_job(model))
+    assert "no new GRIB" in _tick(follow, instance, resources).skip_message
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+                       tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))}).success
+    result = _tick(follow, instance, resources)
+    (req,) = result.run_requests
+    assert req.tags["task"] == "build_tile" and req.tags[RANGE_END] == str(partition_key(HRRR_RUN, 2))
+    again = _tick(follow, instance, resources, cursor=result.cursor)
+    assert "no new GRIB" in again.skip_message

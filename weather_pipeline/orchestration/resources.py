@@ -7,6 +7,8 @@
 | WEATHER_PIPELINE_MIRROR_URL    | (none)        | base URL of `weather-pipeline mirror serve`|
 | WEATHER_PIPELINE_RATE_LIMITS   | (none)        | extra per-host limits, "host=rpm,..."      |
 | WEATHER_PIPELINE_RATE_LIMIT_DB | $TMPDIR/...   | the machine-wide rate-limit bucket         |
+| WEATHER_PIPELINE_HTTP_ATTEMPTS | 5             | HTTP attempts per request (with backoff)   |
+| WEATHER_PIPELINE_HTTP_BACKOFF_S| 1.0           | first backoff wait, doubled per attempt    |
 | WEATHER_PIPELINE_TILE_METHOD   | bilinear      | regridding method (bilinear or nearest)    |
 | WEATHER_PIPELINE_KEEP_GRIBS    | (catalog)     | "all", or models whose GRIBs to keep       |
 """
@@ -95,6 +97,8 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Configura
             mirror_url=env.get("WEATHER_PIPELINE_MIRROR_URL", ""),
             extra_rate_limits=env.get("WEATHER_PIPELINE_RATE_LIMITS", ""),
             rate_limit_db=env.get("WEATHER_PIPELINE_RATE_LIMIT_DB", ""),
+            max_attempts=int(env.get("WEATHER_PIPELINE_HTTP_ATTEMPTS", "5")),
+            initial_backoff=float(env.get("WEATHER_PIPELINE_HTTP_BACKOFF_S", "1.0")),
         ),
         "tiling": TileSettings(
             method=env.get("WEATHER_PIPELINE_TILE_METHOD", "bilinear"),

@@ -1,0 +1,104 @@
+"""The automation end to end: the real Dagster daemon against the loopback mirror.
+
+The mirror publishes a new HRRR run hour by hour while the test watches; the ScanSource sensor
+picks the hours up, the queue runs the ingest and the tiles follow; an injected failure that
+outlasts the HTTP client's retries is retried by Dagster and succeeds; a triggered prune_cache
+run removes an old run and its partition. Every process started here is stopped by its id.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from dagster import AssetKey, DagsterEventType, DagsterInstance, RunsFilter
+
+from weather_pipeline.core.cache import CacheLayout
+from weather_pipeline.core.catalog import format_run_key, load_catalog
+from weather_pipeline.mirror.generate import generate_run, mirror_relative_path
+from weather_pipeline.mirror.server import MirrorServer
+from weather_pipeline.orchestration.local_daemon import dagster_daemon, wait_for
+from weather_pipeline.orchestration.partitions import partition_key
+
+REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+HOURS = (0, 1, 2, 3)
+
+
+def _materialized(instance, asset: str, run: str) -> set[int]:
+    keys = {str(partition_key(run, h)): h for h in HOURS}
+    return {keys[k] for k in set(instance.get_materialized_partitions(AssetKey(asset))) & set(keys)}
+
+
+def test_sensor_queue_retries_tiles_and_prune(tmp_path):
+    home = tmp_path / "dagster_home"
+    home.mkdir()
+    shutil.copy(REPO / "dagster.yaml", home / "dagster.yaml")
+    mirror_root, cache_root = tmp_path / "mirror", tmp_path / "cache"
+    mirror_root.mkdir()
+    layout = CacheLayout(cache_root)
+    model = load_catalog().model("hrrr")
+    run = format_run_key(model.latest_run_before(datetime.now(timezone.utc)))
+
+    # An old run already in the cache and in Dagster, for the prune to remove.
+    old_run = format_run_key(model.latest_run_before(datetime.now(timezone.utc) - timedelta(days=5)))
+    old_file = layout.grib_path("hrrr", old_run, "t2m", 0)
+    old_file.parent.mkdir(parents=True)
+    old_file.write_bytes(b"old")
+
+    os.environ["DAGSTER_HOME"] = str(home)
+    try:
+        instance = DagsterInstance.get()
+        instance.add_dynamic_partitions("hrrr_runs", [old_run])
+        with MirrorServer(mirror_root) as server:
+            # Hour 1's .idx fails 3 times: more than the client's 2 attempts, so the step fails
+            # once and Dagster's retry policy runs it again.
+            server.faults.add(f"*{mirror_relative_path('hrrr', run, 1).split('/', 1)[1]}.idx", "status", code=503, times=3)
+            env = {
+                **os.environ,
+                "WEATHER_PIPELINE_SOURCES": "mirror",
+                "WEATHER_PIPELINE_MIRROR_URL": server.url,
+                "WEATHER_PIPELINE_CACHE": str(cache_root),
+                "WEATHER_PIPELINE_SCAN_INTERVAL_S": "5",
+                "WEATHER_PIPELINE_HTTP_ATTEMPTS": "2",
+                "WEATHER_PIPELINE_HTTP_BACKOFF_S": "0.1",
+            }
+            with dagster_daemon(env, log_path=tmp_path / "daemon.log") as daemon:
+                for hour in HOURS:  # the mirror publishes the run hour by hour
+                    generate_run(mirror_root, "hrrr", run, [hour])
+                    time.sleep(2)
+                done = wait_for(lambda: _materialized(instance, "hrrr_tiles", run) == set(HOURS), timeout=420, interval=2)
+                log_tail = (tmp_path / "daemon.log").read_text()[-3000:]
+                assert done, f"tiles: {_materialized(instance, 'hrrr_tiles', run)}; daemon log tail:\n{log_tail}"
+                assert daemon.poll() is None
+
+                # The failed attempt was retried by Dagster, and the hour landed.
+                retried = [
+                    r for r in instance.get_runs(RunsFilter(tags={"task": "ingest_grib", "run": run}))
+                    if instance.get_records_for_run(r.run_id, of_type=DagsterEventType.STEP_UP_FOR_RETRY).records
+                ]
+                assert retried, "no ingest run shows a step retry"
+                assert _materialized(instance, "hrrr_grib", run) == set(HOURS)
+                for hour in HOURS:
+                    assert layout.tile_path("conus", 0.05, "hrrr", run, "t2m", hour).is_file()
+                assert layout.run_tile_path("conus", 0.05, "hrrr", run, "t2m").is_file()
+
+                # Trigger the prune job through the queue, as an operator would.
+                subprocess.run(
+                    [str(Path(sys.executable).parent / "dagster"), "job", "launch", "-m", "weather_pipeline.definitions",
+                     "-j", "prune_cache"],
+                    env=env, check=True, capture_output=True, timeout=120,
+                )
+                pruned = wait_for(lambda: not old_file.parent.parent.exists(), timeout=180, interval=2)
+                assert pruned, (tmp_path / "daemon.log").read_text()[-3000:]
+                assert wait_for(lambda: old_run not in instance.get_dynamic_partitions("hrrr_runs"), timeout=30)
+                assert run in instance.get_dynamic_partitions("hrrr_runs")
+            assert daemon.poll() is not None  # stopped
+    finally:
+        os.environ.pop("DAGSTER_HOME", None)

@@ -99,6 +99,26 @@ def test_sensor_queue_retries_tiles_and_prune(tmp_path):
                 assert pruned, (tmp_path / "daemon.log").read_text()[-3000:]
                 assert wait_for(lambda: old_run not in instance.get_dynamic_partitions("hrrr_runs"), timeout=30)
                 assert run in instance.get_dynamic_partitions("hrrr_runs")
+                # Gap fill: a run older than the scanner's lookback is only found by `gaps plan`.
+                gap_run = format_run_key(model.latest_run_before(
+                    datetime.now(timezone.utc) - timedelta(hours=model.scan_lookback_hours + 2)))
+                generate_run(mirror_root, "hrrr", gap_run, [0])
+                cli = [str(Path(sys.executable).parent / "weather-pipeline"), "gaps"]
+                planned = subprocess.run(cli + ["plan", "--model", "hrrr", "--since", gap_run], env=env,
+                                         check=True, capture_output=True, text=True, timeout=120).stdout
+                manifest = tmp_path / "gaps.jsonl"
+                manifest.write_text(planned)
+                assert f'"run": "{gap_run}"' in planned and '"hour": 0' in planned
+                assert subprocess.run(cli + ["verify", str(manifest)], env=env, capture_output=True, timeout=60).returncode == 1
+                subprocess.run(cli + ["dispatch", str(manifest)], env=env, check=True, capture_output=True, timeout=120)
+                filled = wait_for(
+                    lambda: subprocess.run(cli + ["verify", str(manifest)], env=env, capture_output=True,
+                                           timeout=60).returncode == 0,
+                    timeout=240, interval=5,
+                )
+                assert filled, (tmp_path / "daemon.log").read_text()[-3000:]
+                gap_runs = instance.get_runs(RunsFilter(tags={"run": gap_run, "task": "ingest_grib"}))
+                assert gap_runs and all(r.tags["dagster/priority"] == "-10" for r in gap_runs)
             assert daemon.poll() is not None  # stopped
     finally:
         os.environ.pop("DAGSTER_HOME", None)

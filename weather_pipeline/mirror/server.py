@@ -622,7 +622,7 @@ class _Handler(BaseHTTPRequestHandler):
         parts = [
             '<?xml version="1.0" encoding="UTF-8"?>',
             f'<ListBucketResult xmlns="{S3_XMLNS}">',
-            f"<Name>{escape(mirror.root.name)}</Name>",
+            f"<Name>{escape(bucket or mirror.root.name)}</Name>",
             f"<Prefix>{escape(prefix)}</Prefix>",
         ]
         if delimiter:

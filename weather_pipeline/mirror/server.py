@@ -929,14 +929,15 @@ class MirrorServer:
 
     @property
     def request_log(self) -> list[RequestRecord]:
-        """A snapshot of the log, oldest first.
+        """A snapshot of the log in order of arrival (oldest first).
 
         A client can finish reading a response a moment before the handler
-        thread records it, so this waits (briefly) for in-flight requests.
+        thread records it, so this waits (briefly) for in-flight requests; and
+        records are appended when answered, so they are sorted by arrival.
         """
         with self._log_cond:
             self._log_cond.wait_for(lambda: self._in_flight == 0, timeout=self.LOG_SETTLE_SECONDS)
-            return list(self._log)
+            return sorted(self._log, key=lambda r: r.started)
 
     def clear_log(self) -> None:
         with self._log_cond:

@@ -29,6 +29,7 @@ from dagster import (
 import numpy as np
 
 from weather_pipeline.core.catalog import InvalidRequest, Model, load_catalog
+from weather_pipeline.core.http import TransientError
 from weather_pipeline.core.ingest import IngestReport, ingest_hour
 from weather_pipeline.core.preview import preview_markdown
 from weather_pipeline.core.tiles import HourTiles, TileError, build_hour, retire_gribs, targets_for, update_run_tile
@@ -110,6 +111,7 @@ def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
         layout = cache.layout()
         settings = noaa.source_settings()
         failures: dict[str, str] = {}
+        transient = False
         totals: dict[str, int] = defaultdict(int)
         with noaa.client() as client:
             for i, (key, run, hour) in enumerate(requested, start=1):
@@ -120,6 +122,7 @@ def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
                     )
                 except Exception as exc:  # noqa: BLE001 - one bad hour must not hide the others' results
                     failures[str(key)] = f"{type(exc).__name__}: {exc}"
+                    transient = transient or isinstance(exc, (TransientError, OSError))
                     context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d} failed: {exc}")
                     continue
                 context.add_asset_metadata(ingest_metadata(report), partition_key=str(key))
@@ -132,11 +135,14 @@ def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
                 )
         if failures:
             # A single-run batch succeeds or fails as a whole in Dagster's eyes; files of the
-            # hours that worked stay in the cache and are fetched again on retry.
+            # hours that worked stay in the cache and are fetched again on retry. Only transient
+            # trouble (the network, a server's 5xx) is worth the step's retry policy: an hour
+            # that is not published or a bad inventory will not change in a minute.
             raise Failure(
                 description=f"{len(failures)} of {len(requested)} {model.name} hours failed: "
                 + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
                 metadata={"failed": MetadataValue.json(failures)},
+                allow_retries=transient,
             )
         context.log.info(
             f"{model.name}: {len(requested)} hours, {totals['bytes'] / 1e6:.2f} MB, {totals['requests']} requests"

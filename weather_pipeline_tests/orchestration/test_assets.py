@@ -88,6 +88,8 @@ def test_an_unpublished_hour_fails_the_batch_and_names_the_hour(mirror, tmp_path
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     description = failure.step_failure_data.user_failure_data.description
     assert description.startswith("1 of 2 hrrr hours failed: 003|20260512_00: HourNotPublished")
+    # Not transient: the step is not retried (its retry policy is for network trouble).
+    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert (tmp_path / "cache/gribs/hrrr" / HRRR_RUN / "t2m/grib_002.grib2").is_file()  # the good hour is kept
 
 

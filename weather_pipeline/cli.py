@@ -171,6 +171,36 @@ def _cmd_gaps_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_status(args: argparse.Namespace) -> int:
+    import os
+
+    from weather_pipeline.core.status import EXIT_CODES, summary_text
+    from weather_pipeline.orchestration.resources import resources_from_env
+    from weather_pipeline.orchestration.status import deep_status
+
+    with _instance() as instance:
+        doc = deep_status(instance, resources_from_env()["cache"].layout())
+    if args.json:
+        json.dump(doc, sys.stdout, indent=1)
+        sys.stdout.write("\n")
+    else:
+        print(summary_text(doc))
+        print(f"page: weather-pipeline serve-status, then http://127.0.0.1:8766/status"
+              f"  (cache: {os.environ.get('WEATHER_PIPELINE_CACHE', 'cache')})")
+    return EXIT_CODES[doc["health"]]
+
+
+def _cmd_serve_status(args: argparse.Namespace) -> int:
+    from weather_pipeline.orchestration.resources import resources_from_env
+    from weather_pipeline.orchestration.status import dagster_url
+    from weather_pipeline.status.app import serve
+
+    path = resources_from_env()["cache"].layout().deep_status_path
+    print(f"serving {path} at http://{args.host}:{args.port}/status (API: /api/status/deep, /health)", flush=True)
+    serve(path, host=args.host, port=args.port, dagster_url=args.dagster_url or dagster_url())
+    return 0
+
+
 def _cmd_demo(args: argparse.Namespace) -> int:
     from weather_pipeline.demo import run_demo
 
@@ -249,6 +279,28 @@ def build_parser() -> argparse.ArgumentParser:
                         "print what is still missing and exit with status 1 if anything is.")
     g.add_argument("manifest", help="a manifest from `gaps plan` (JSON lines)")
     g.set_defaults(func=_cmd_gaps_verify)
+
+    p = sub.add_parser(
+        "status",
+        help="deep status: queue, per-run completeness, disk, alerts (exit 0 healthy, 1 degraded, 2 unhealthy)",
+        description="Compute the deep status from the Dagster instance ($DAGSTER_HOME) and the cache "
+        "($WEATHER_PIPELINE_CACHE) and print a summary, or the JSON document with --json. Exit status: "
+        "0 healthy, 1 degraded, 2 unhealthy (for cron or a load balancer).",
+    )
+    p.add_argument("--json", action="store_true", help="print the deep-status JSON document")
+    p.set_defaults(func=_cmd_status)
+
+    p = sub.add_parser(
+        "serve-status",
+        help="serve the status page and API over HTTP (/status, /api/status/deep, /health)",
+        description="Serve cache/status/deep.json (kept current by the deep_status sensor) as a single-pane "
+        "page at /status, the document at /api/status/deep and a health check at /health.",
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8766, help="port (default 8766)")
+    p.add_argument("--dagster-url", help="Dagster UI base URL for links and Retry (default $WEATHER_PIPELINE_DAGSTER_URL "
+                   "or http://127.0.0.1:3000)")
+    p.set_defaults(func=_cmd_serve_status)
 
     p = sub.add_parser(
         "tile",

@@ -14,13 +14,14 @@ from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
 from weather_pipeline.orchestration.resources import resources_from_env
 from weather_pipeline.orchestration.schedules import prune_cache_job, prune_cache_schedule
 from weather_pipeline.orchestration.sensors import build_scan_source_sensor, build_tiles_follow_gribs_sensor
+from weather_pipeline.orchestration.status import deep_status_sensor
 
 
 def build_definitions(env: dict[str, str] | None = None) -> Definitions:
     env = dict(os.environ if env is None else env)
     catalog = load_catalog()
     pool = download_pool(env.get("WEATHER_PIPELINE_SOURCES", "aws,nomads").split(",")[0].strip())
-    assets, jobs, sensors = [], [prune_cache_job], []
+    assets, jobs, sensors = [], [prune_cache_job], [deep_status_sensor]
     for model in catalog.models.values():
         assets += [build_grib_asset(model, pool=pool), build_tile_asset(model)]
         ingest, tiles = build_ingest_job(model), build_tile_job(model)

@@ -144,7 +144,7 @@ class Model:
         if run_time.hour not in self.run_hours:
             raise InvalidRequest(
                 f"{self.name} has no {run_time.hour:02d}z run (run {run!r}); "
-                f"its runs start at {_fmt_hours(self.run_hours)}z"
+                f"its runs start at {format_hours(self.run_hours)}z"
             )
         return run_time
 
@@ -154,7 +154,7 @@ class Model:
         if hour not in hours:
             raise InvalidRequest(
                 f"forecast hour {hour} is outside {self.name}'s range for a "
-                f"{run_time.hour:02d}z run ({_fmt_hours(hours)})"
+                f"{run_time.hour:02d}z run ({format_hours(hours)})"
             )
 
     def latest_run_before(self, now: datetime) -> datetime:
@@ -261,7 +261,7 @@ class Catalog:
             ) from None
 
 
-def _fmt_hours(hours: tuple[int, ...]) -> str:
+def format_hours(hours: tuple[int, ...]) -> str:
     """Compact form of an hour list: (0, 1, 2, 3, 6, 9) -> '0-3,6,9'."""
     if not hours:
         return "none"

@@ -1,0 +1,210 @@
+"""Deep status from the Dagster instance and the cache, and the sensor that writes it.
+
+Facts come from run storage (queue counts, recent runs, failures and their first error line),
+the asset status cache (materialized partitions), daemon heartbeats, the ScanSource record of
+what the source has, and the cache on disk; `core.status` turns them into the document.
+"""
+
+import json
+import os
+import socket
+from datetime import datetime, timedelta, timezone
+
+from dagster import (
+    AssetKey,
+    DagsterEventType,
+    DagsterInstance,
+    DagsterRunStatus,
+    DefaultSensorStatus,
+    RunsFilter,
+    SensorEvaluationContext,
+    SkipReason,
+    sensor,
+)
+
+from weather_pipeline.core.cache import CacheLayout, atomic_write_text
+from weather_pipeline.core.catalog import Catalog, InvalidRequest, load_catalog, parse_run_key
+from weather_pipeline.core.prune import disk_usage
+from weather_pipeline.core.scan import load_availability
+from weather_pipeline.core.status import (
+    JobFacts,
+    ModelPolicy,
+    ModelRunFacts,
+    QueueFacts,
+    StatusInputs,
+    compute_deep_status,
+)
+from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
+from weather_pipeline.orchestration.jobs import MODEL_TAG, RUN_TAG, TASK_TAG
+from weather_pipeline.orchestration.partitions import parse_partition_key, run_partitions
+from weather_pipeline.orchestration.resources import CacheResource
+from weather_pipeline.orchestration.schedules import disk_budget_bytes
+from weather_pipeline.orchestration.sensors import IN_FLIGHT, hours_in_range_tags
+
+FINISHED = [DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED]
+RECENT_JOBS = 50
+#: daemons whose heartbeat must be fresh for work to flow
+REQUIRED_DAEMONS = ("SENSOR", "QUEUED_RUN_COORDINATOR")
+
+
+def dagster_url() -> str:
+    return os.environ.get("WEATHER_PIPELINE_DAGSTER_URL", "http://127.0.0.1:3000")
+
+
+def _aware(ts: float | None) -> datetime | None:
+    return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
+
+
+def _failure_line(instance: DagsterInstance, run_id: str) -> str | None:
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1).records
+    if records:
+        data = records[0].event_log_entry.dagster_event.step_failure_data
+        if data.user_failure_data and data.user_failure_data.description:
+            return data.user_failure_data.description
+        if data.error:
+            cause = data.error.cause or data.error
+            return cause.message
+    records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_FAILURE, limit=1).records
+    return records[0].event_log_entry.message if records else None
+
+
+def queue_facts(instance: DagsterInstance, now: datetime) -> QueueFacts:
+    hour_ago = now - timedelta(hours=1)
+    heartbeats = instance.get_daemon_heartbeats()
+    stamps = [heartbeats[d].timestamp for d in REQUIRED_DAEMONS if d in heartbeats]
+    age = None if len(stamps) < len(REQUIRED_DAEMONS) else now.timestamp() - min(stamps)
+    queue_config = instance.get_concurrency_config().run_queue_config
+    return QueueFacts(
+        pending=instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.QUEUED, DagsterRunStatus.NOT_STARTED])),
+        active=instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+                                                            DagsterRunStatus.CANCELING])),
+        failed_1h=instance.get_runs_count(RunsFilter(statuses=[DagsterRunStatus.FAILURE], updated_after=hour_ago)),
+        finished_1h=instance.get_runs_count(RunsFilter(statuses=FINISHED, updated_after=hour_ago)),
+        # An instance without a run queue (in-process, tests) runs one run at a time.
+        max_concurrent_runs=queue_config.max_concurrent_runs if queue_config else 1,
+        daemon_heartbeat_age_s=age,
+    )
+
+
+def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Catalog, now: datetime) -> list[ModelRunFacts]:
+    facts = []
+    for model in catalog.models.values():
+        cutoff = now - timedelta(hours=model.retention_hours)
+        runs = []
+        for run in instance.get_dynamic_partitions(run_partitions(model.name).name):
+            try:
+                if parse_run_key(run) >= cutoff:
+                    runs.append(run)
+            except InvalidRequest:
+                continue
+        if not runs:
+            continue
+        by_run: dict[str, dict[str, set[int]]] = {r: {"grib": set(), "tile": set()} for r in runs}
+        for kind, asset in (("grib", grib_asset_name(model.name)), ("tile", tile_asset_name(model.name))):
+            for key in instance.get_materialized_partitions(AssetKey(asset)):
+                run, hour = parse_partition_key(key)
+                if run in by_run:
+                    by_run[run][kind].add(hour)
+        availability = load_availability(layout, model)
+        in_flight: dict[str, set[int]] = {}
+        for r in instance.get_runs(RunsFilter(statuses=IN_FLIGHT, tags={MODEL_TAG: model.name})):
+            in_flight.setdefault(r.tags.get(RUN_TAG, ""), set()).update(hours_in_range_tags(r.tags, model))
+        failed: dict[tuple[str, str], dict[int, str]] = {}
+        for rec in instance.get_run_records(
+            RunsFilter(statuses=[DagsterRunStatus.FAILURE], tags={MODEL_TAG: model.name}, created_after=cutoff),
+            limit=200,
+        ):
+            run_tag, task = rec.dagster_run.tags.get(RUN_TAG), rec.dagster_run.tags.get(TASK_TAG)
+            if run_tag not in by_run:
+                continue
+            hours = hours_in_range_tags(rec.dagster_run.tags, model)
+            target = failed.setdefault((run_tag, task or ""), {})
+            todo = [h for h in hours if h not in target]  # records come newest first
+            if todo:
+                line = _failure_line(instance, rec.dagster_run.run_id) or "run failed"
+                target.update({h: line for h in todo})
+        for run in runs:
+            avail = availability.get(run)
+            facts.append(ModelRunFacts(
+                model=model.name,
+                run=run,
+                run_time=parse_run_key(run),
+                expected_hours=model.hours_for_run(run),
+                grib_hours=frozenset(by_run[run]["grib"]),
+                tile_hours=frozenset(by_run[run]["tile"]),
+                source_hours=avail.hours if avail else None,
+                in_flight_hours=frozenset(in_flight.get(run, set())),
+                failed=failed.get((run, "ingest_grib"), {}),
+                tile_failed=failed.get((run, "build_tile"), {}),
+            ))
+    return facts
+
+
+def job_facts(instance: DagsterInstance, limit: int = RECENT_JOBS) -> list[JobFacts]:
+    worker = f"{socket.gethostname()} (local run launcher)"
+    records = {r.dagster_run.run_id: r for r in instance.get_run_records(RunsFilter(statuses=IN_FLIGHT), limit=limit)}
+    for r in instance.get_run_records(limit=limit):
+        records.setdefault(r.dagster_run.run_id, r)
+    out = []
+    for rec in sorted(records.values(), key=lambda r: r.create_timestamp, reverse=True)[:limit]:
+        run = rec.dagster_run
+        out.append(JobFacts(
+            run_id=run.run_id,
+            job=run.job_name,
+            status=run.status.value,
+            tags=dict(run.tags),
+            created_at=rec.create_timestamp,
+            started_at=_aware(rec.start_time),
+            ended_at=_aware(rec.end_time),
+            error=_failure_line(instance, run.run_id) if run.status == DagsterRunStatus.FAILURE else None,
+            worker=worker if rec.start_time else None,
+        ))
+    return out
+
+
+def gather(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | None = None,
+           catalog: Catalog | None = None) -> StatusInputs:
+    catalog = catalog or load_catalog()
+    now = now or datetime.now(timezone.utc)
+    policies = []
+    for m in catalog.models.values():
+        spacing = min(b - a for a, b in zip(m.run_hours, m.run_hours[1:] + (m.run_hours[0] + 24,)))
+        policies.append(ModelPolicy(m.name, spacing, m.publish_window_hours))
+    return StatusInputs(
+        now=now,
+        queue=queue_facts(instance, now),
+        model_runs=model_run_facts(instance, layout, catalog, now),
+        jobs=job_facts(instance),
+        disk_usage=disk_usage(layout),
+        disk_budget_bytes=disk_budget_bytes(),
+        policies=policies,
+        dagster_url=dagster_url(),
+    )
+
+
+def deep_status(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | None = None) -> dict:
+    return compute_deep_status(gather(instance, layout, now=now))
+
+
+def write_deep_status(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | None = None) -> dict:
+    doc = deep_status(instance, layout, now=now)
+    atomic_write_text(layout.deep_status_path, json.dumps(doc, indent=1))
+    return doc
+
+
+def status_interval_s() -> int:
+    return int(os.environ.get("WEATHER_PIPELINE_STATUS_INTERVAL_S", "30"))
+
+
+@sensor(
+    name="deep_status",
+    minimum_interval_seconds=status_interval_s(),
+    default_status=DefaultSensorStatus.RUNNING,
+    description="Writes cache/status/deep.json (queue health, per-run completeness and reasons, disk, alerts).",
+)
+def deep_status_sensor(context: SensorEvaluationContext, cache: CacheResource):
+    doc = write_deep_status(context.instance, cache.layout())
+    return SkipReason(
+        f"wrote {cache.layout().deep_status_path}: {doc['health']}, {len(doc['inventory'])} runs, "
+        f"{len(doc['alerts'])} alerts"
+    )

@@ -12,7 +12,7 @@ PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: install demo test test-fast bench dev clean help
+.PHONY: install demo test test-fast bench dev status-page clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -50,6 +50,9 @@ dev: install  ## the Dagster UI on http://127.0.0.1:3000, assets pointed at ./mi
 	  mirror_pid=$$!; trap 'kill $$mirror_pid' EXIT INT TERM; \
 	  WEATHER_PIPELINE_SOURCES=mirror WEATHER_PIPELINE_MIRROR_URL=http://127.0.0.1:$(MIRROR_PORT) \
 	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+
+status-page: install  ## serve the status page on http://127.0.0.1:8766/status (reads cache/status/deep.json)
+	WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/weather-pipeline serve-status --port 8766
 
 clean:  ## remove generated data (cache, mirror, Dagster storage); keeps .venv
 	rm -rf cache mirror .dagster_home

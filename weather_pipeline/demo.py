@@ -26,7 +26,9 @@ from weather_pipeline.mirror.generate import generate_run, mirror_relative_path
 from weather_pipeline.mirror.server import MirrorServer
 from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
 from weather_pipeline.orchestration.local_daemon import dagster_daemon, wait_for
+from weather_pipeline.core.status import summary_text
 from weather_pipeline.orchestration.partitions import partition_key
+from weather_pipeline.orchestration.status import write_deep_status
 
 #: how long the demo lets the daemon work before giving up
 DEMO_TIMEOUT_S = 150
@@ -82,6 +84,7 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
             # Keep the GRIB subsets so they can be inspected; by default they are deleted once tiled.
             "WEATHER_PIPELINE_KEEP_GRIBS": "all",
             "WEATHER_PIPELINE_SCAN_INTERVAL_S": "5",
+            "WEATHER_PIPELINE_STATUS_INTERVAL_S": "5",
         }
         _say(f"[3/4] starting the Dagster daemon on {os.environ['DAGSTER_HOME']}: sensors scan the mirror, "
              "the run queue launches ingest and tile runs")
@@ -131,8 +134,15 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
             run_tiles = sorted(region_dir.glob("*.npz"))
             _say(f"      {region_dir.relative_to(workdir)}/: {len(hourly)} hourly tiles, run tiles: "
                  + ", ".join(p.name for p in run_tiles))
+    _say("      deep status (weather-pipeline status; the daemon's deep_status sensor keeps "
+         f"{layout.deep_status_path.relative_to(workdir)} current):")
+    doc = write_deep_status(instance, layout)
+    for line in summary_text(doc).splitlines():
+        _say(f"        {line}")
     _say(f"done in {time.monotonic() - t_start:.0f} s; GRIB subsets under {layout.gribs_root} (kept for the demo), "
          f"tiles under {layout.tiles_root}")
-    _say("next: `make dev` opens the Dagster UI at http://127.0.0.1:3000 with these assets, runs and sensors")
+    _say("next: `make dev` opens the Dagster UI at http://127.0.0.1:3000 with these assets, runs and sensors;")
+    _say("      `make status-page` serves the status page at http://127.0.0.1:8766/status "
+         "(the daemon has stopped, so it reports the daemon down until `make dev` runs)")
     return 0
 

@@ -155,6 +155,7 @@ def inventory_entry(f: ModelRunFacts) -> dict[str, Any]:
         "run": f.run,
         "status": status,
         "hours_expected": len(expected),
+        "expected_hours": sorted(expected),
         "hours_have": len(have),
         "missing_hours": missing,
         "source_hours": len(published) if published is not None else None,

@@ -38,7 +38,7 @@ def test_complete_run_and_healthy_queue():
     doc = compute_deep_status(inputs([facts()]))
     assert doc["health"] == "healthy" and doc["alerts"] == []
     assert doc["inventory"][0] == {"model": "hrrr", "run": "20261122_15", "status": "complete", "hours_expected": 19,
-                                   "hours_have": 19, "missing_hours": [], "source_hours": 19, "reason": None,
+                                   "expected_hours": list(range(19)), "hours_have": 19, "missing_hours": [], "source_hours": 19, "reason": None,
                                    "tiles_missing_hours": [], "tiles_have": 19}
     assert doc["queue"]["workers_online"] == doc["queue"]["workers_configured"] == 4
     assert doc["resources"]["cache_oldest"] == "2026-11-22T15:10:00Z"

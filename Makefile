@@ -44,10 +44,11 @@ bench: install  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m weather_pipeline.bench --write docs/benchmarks.md
 
 MIRROR_PORT ?= 8765
-dev: install  ## the Dagster UI on http://127.0.0.1:3000, assets pointed at ./mirror served on MIRROR_PORT
+dev: install  ## Dagster UI on :3000 and status page on :8766, assets pointed at ./mirror served on MIRROR_PORT
 	@test -d mirror || { echo "no ./mirror yet: run 'make demo' first"; exit 2; }
-	$(VENV)/bin/weather-pipeline mirror serve --root mirror --port $(MIRROR_PORT) & \
-	  mirror_pid=$$!; trap 'kill $$mirror_pid' EXIT INT TERM; \
+	$(VENV)/bin/weather-pipeline mirror serve --root mirror --port $(MIRROR_PORT) & mirror_pid=$$!; \
+	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/weather-pipeline serve-status --port 8766 & status_pid=$$!; \
+	  trap 'kill $$mirror_pid $$status_pid' EXIT INT TERM; \
 	  WEATHER_PIPELINE_SOURCES=mirror WEATHER_PIPELINE_MIRROR_URL=http://127.0.0.1:$(MIRROR_PORT) \
 	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
 

@@ -8,11 +8,13 @@ run removes an old run and its partition. Every process started here is stopped 
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
 import time
+import urllib.request
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -68,6 +70,7 @@ def test_sensor_queue_retries_tiles_and_prune(tmp_path):
                 "WEATHER_PIPELINE_SCAN_INTERVAL_S": "5",
                 "WEATHER_PIPELINE_HTTP_ATTEMPTS": "2",
                 "WEATHER_PIPELINE_HTTP_BACKOFF_S": "0.1",
+                "WEATHER_PIPELINE_STATUS_INTERVAL_S": "5",
             }
             with dagster_daemon(env, log_path=tmp_path / "daemon.log") as daemon:
                 for hour in HOURS:  # the mirror publishes the run hour by hour
@@ -88,6 +91,34 @@ def test_sensor_queue_retries_tiles_and_prune(tmp_path):
                 for hour in HOURS:
                     assert layout.tile_path("conus", 0.05, "hrrr", run, "t2m", hour).is_file()
                 assert layout.run_tile_path("conus", 0.05, "hrrr", run, "t2m").is_file()
+
+                # Deep status: the daemon's sensor keeps deep.json current; the CLI and the page agree.
+                def status_file_shows_run():
+                    try:
+                        doc = json.loads(layout.deep_status_path.read_text())
+                    except (OSError, ValueError):
+                        return False
+                    entry = next((e for e in doc["inventory"] if e["run"] == run), None)
+                    return entry is not None and entry["hours_have"] == len(HOURS) and not entry["tiles_missing_hours"]
+
+                assert wait_for(status_file_shows_run, timeout=60, interval=1), "deep.json never showed the run"
+                written = json.loads(layout.deep_status_path.read_text())
+                cli = subprocess.run([str(Path(sys.executable).parent / "weather-pipeline"), "status", "--json"],
+                                     env=env, capture_output=True, text=True, timeout=120)
+                assert cli.returncode in (0, 1, 2) and cli.stdout, cli.stderr
+                fresh = json.loads(cli.stdout)
+                from weather_pipeline.status.app import StatusServer, create_app
+
+                with StatusServer(create_app(layout.deep_status_path)) as page:
+                    served = json.loads(urllib.request.urlopen(f"{page.url}/api/status/deep", timeout=10).read())
+
+                def runs_view(doc):
+                    return {(e["model"], e["run"]): (e["status"], e["hours_have"], e["missing_hours"], e["source_hours"])
+                            for e in doc["inventory"] if e["run"] == run}
+
+                assert runs_view(fresh) == runs_view(written) == runs_view(served)
+                assert cli.returncode == {"healthy": 0, "degraded": 1, "unhealthy": 2}[fresh["health"]]
+                assert fresh["queue"]["daemon_alive"] and fresh["queue"]["workers_online"] == 4
 
                 # Trigger the prune job through the queue, as an operator would.
                 subprocess.run(

@@ -18,7 +18,7 @@ from typing import Callable, Sequence
 from weather_pipeline.core import grib
 from weather_pipeline.core.cache import CacheLayout, atomic_write_bytes, md5_bytes
 from weather_pipeline.core.catalog import Catalog, Model, Variable, load_catalog
-from weather_pipeline.core.http import FetchError, HttpClient, NotFound
+from weather_pipeline.core.http import HttpClient, NotFound
 from weather_pipeline.core.idx import ByteRange, IdxEntry, find_one, parse_idx, ranges_for
 from weather_pipeline.core.sources import SourceChoice, SourceSettings, candidate_sources
 

@@ -47,7 +47,7 @@ import numpy as np
 import eccodes
 
 from weather_pipeline.core import grib
-from weather_pipeline.core.catalog import CatalogError, InvalidRequest, Model, load_catalog
+from weather_pipeline.core.catalog import CatalogError, Model, load_catalog
 
 # ------------------------------------------------------------------------------------------
 # Inventory templates

@@ -10,8 +10,8 @@ import pytest
 from weather_pipeline.core import grib
 from weather_pipeline.core.cache import CacheLayout, md5_file
 from weather_pipeline.core.catalog import CatalogError, InvalidRequest, load_catalog
-from weather_pipeline.core.http import HttpClient, HttpConfig, NotFound, RangeIgnored, RetryPolicy, TransientError
-from weather_pipeline.core.idx import IdxError, parse_idx
+from weather_pipeline.core.http import HttpClient, HttpConfig, RangeIgnored, RetryPolicy, TransientError
+from weather_pipeline.core.idx import parse_idx
 from weather_pipeline.core.ingest import HourNotPublished, ingest_hour
 from weather_pipeline.core.sources import SourceSettings, SourceUnavailable
 from weather_pipeline_tests.mirror_fixtures import GFS_RUN, HRRR_RUN

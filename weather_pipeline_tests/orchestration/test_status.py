@@ -7,7 +7,6 @@ import jsonschema
 import pytest
 from dagster import DagsterRun, DagsterRunStatus, build_sensor_context, materialize
 
-from weather_pipeline.cli import main
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset

@@ -222,9 +222,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         help="the full flow against a generated local NOAA mirror",
-        description="Generate a small local mirror (one HRRR and one GFS run), serve it on loopback, add "
-        "the run partitions and materialize the GRIB assets through Dagster on the project's "
-        "instance ($DAGSTER_HOME), then print a summary.",
+        description="Generate a small local mirror (the newest HRRR and GFS runs, a few hours each), serve it "
+        "on loopback, and run the Dagster daemon on the project's instance ($DAGSTER_HOME) until the data "
+        "is in: the ScanSource sensors queue the ingest runs and the tiles follow. Then print a summary, "
+        "the tiles written and the deep status.",
     )
     p.add_argument("--workdir", default=".", help="where cache/ and mirror/ go (default: current directory)")
     p.add_argument("--hrrr-hours", default="0-3", help="HRRR forecast hours to generate and ingest (default 0-3)")

@@ -2,11 +2,15 @@
 
 Resources come from the environment (see orchestration/resources.py); the GRIB assets' download
 pool is named after the first configured source, so its limit in dagster.yaml applies per source.
+
+Every job runs in-process: each of our runs has a single step, and the default multiprocess
+executor would start a second Python process per run for it (measured at 4-18 s of a run's
+latency on 2 cores, see docs/benchmarks.md). Parallelism comes from the run queue instead.
 """
 
 import os
 
-from dagster import Definitions
+from dagster import Definitions, in_process_executor
 
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, download_pool
@@ -33,6 +37,7 @@ def build_definitions(env: dict[str, str] | None = None) -> Definitions:
         sensors=sensors,
         schedules=[prune_cache_schedule],
         resources=resources_from_env(env),
+        executor=in_process_executor,
     )
 
 

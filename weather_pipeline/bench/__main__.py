@@ -11,9 +11,32 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import weather_pipeline  # noqa: F401  (native-library load order)
-from weather_pipeline.bench import subsetting, tiles
+from weather_pipeline.bench import automation, status, subsetting, tiles
 
-SECTIONS = {"subsetting": subsetting.run, "tiles": tiles.run}
+SECTIONS = {"subsetting": subsetting.run, "tiles": tiles.run, "automation": automation.run, "status": status.run}
+
+
+def merge_sections(document: str, sections: list[str]) -> str:
+    """Replace each `## Title ...` section of `document` by the new one with the same title line."""
+    def split(text: str) -> list[str]:
+        out: list[str] = []
+        for line in text.splitlines(keepends=True):
+            if line.startswith("## ") or not out:
+                out.append(line)
+            else:
+                out[-1] += line
+        return out
+
+    blocks = split(document)
+    for new in sections:
+        title = new.splitlines()[0]
+        matches = [i for i, b in enumerate(blocks) if b.splitlines()[0] == title]
+        body = new if new.endswith("\n") else new + "\n"
+        if matches:
+            blocks[matches[0]] = body
+        else:
+            blocks.append(body)
+    return "".join(blocks)
 
 
 def main(argv=None) -> int:
@@ -36,8 +59,12 @@ def main(argv=None) -> int:
         print(f"[{name}] {time.monotonic() - t0:.1f} s", flush=True)
     text = "\n".join(parts)
     if args.write:
-        Path(args.write).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.write).write_text(text)
+        path = Path(args.write)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if args.only and path.is_file():
+            # Replace only the sections that ran; the others keep their figures and dates.
+            text = merge_sections(path.read_text(), parts[4:])
+        path.write_text(text)
         print(f"wrote {args.write}")
     else:
         sys.stdout.write(text)

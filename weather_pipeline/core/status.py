@@ -257,6 +257,7 @@ def compute_deep_status(inputs: StatusInputs) -> dict[str, Any]:
         "disk_budget_bytes": inputs.disk_budget_bytes,
         "cache_oldest": _iso_text(usage.get("cache_oldest")),
         "cache_newest": _iso_text(usage.get("cache_newest")),
+        "disk_scanned_at": _iso_text(usage.get("scanned_at")),
     }
     alerts = _alerts(inputs, queue, inventory)
     return {

@@ -8,6 +8,9 @@ what the source has, and the cache on disk; `core.status` turns them into the do
 import json
 import os
 import socket
+import threading
+import time
+from collections import OrderedDict
 from datetime import datetime, timedelta, timezone
 
 from dagster import (
@@ -55,7 +58,41 @@ def _aware(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
 
 
+#: first error line by run id: a finished run's events never change, and the code server that
+#: evaluates the sensor outlives its ticks (on SQLite each lookup opens that run's own shard)
+_FAILURE_LINES: "OrderedDict[str, str | None]" = OrderedDict()
+_FAILURE_MEMO_SIZE = 2000
+_MEMO_LOCK = threading.Lock()
+#: disk usage walks every cache file; rescan at most this often, and say when it was scanned
+DISK_USAGE_TTL_S = float(os.environ.get("WEATHER_PIPELINE_DISK_SCAN_S", "300"))
+_DISK: dict[str, tuple[float, dict]] = {}
+
+
 def _failure_line(instance: DagsterInstance, run_id: str) -> str | None:
+    with _MEMO_LOCK:
+        if run_id in _FAILURE_LINES:
+            return _FAILURE_LINES[run_id]
+    line = _read_failure_line(instance, run_id)
+    with _MEMO_LOCK:
+        _FAILURE_LINES[run_id] = line
+        while len(_FAILURE_LINES) > _FAILURE_MEMO_SIZE:
+            _FAILURE_LINES.popitem(last=False)
+    return line
+
+
+def cached_disk_usage(layout: CacheLayout) -> dict:
+    key = str(layout.root)
+    with _MEMO_LOCK:
+        hit = _DISK.get(key)
+    if hit and time.monotonic() - hit[0] < DISK_USAGE_TTL_S:
+        return hit[1]
+    usage = {**disk_usage(layout), "scanned_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    with _MEMO_LOCK:
+        _DISK[key] = (time.monotonic(), usage)
+    return usage
+
+
+def _read_failure_line(instance: DagsterInstance, run_id: str) -> str | None:
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1).records
     if records:
         data = records[0].event_log_entry.dagster_event.step_failure_data
@@ -117,7 +154,9 @@ def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Cat
             run_tag, task = rec.dagster_run.tags.get(RUN_TAG), rec.dagster_run.tags.get(TASK_TAG)
             if run_tag not in by_run:
                 continue
-            hours = hours_in_range_tags(rec.dagster_run.tags, model)
+            # Only failures of hours still missing matter (retried hours are explained already).
+            done = by_run[run_tag]["grib" if task == "ingest_grib" else "tile"]
+            hours = [h for h in hours_in_range_tags(rec.dagster_run.tags, model) if h not in done]
             target = failed.setdefault((run_tag, task or ""), {})
             todo = [h for h in hours if h not in target]  # records come newest first
             if todo:
@@ -175,7 +214,7 @@ def gather(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | No
         queue=queue_facts(instance, now),
         model_runs=model_run_facts(instance, layout, catalog, now),
         jobs=job_facts(instance),
-        disk_usage=disk_usage(layout),
+        disk_usage=cached_disk_usage(layout),
         disk_budget_bytes=disk_budget_bytes(),
         policies=policies,
         dagster_url=dagster_url(),

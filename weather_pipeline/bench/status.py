@@ -85,18 +85,15 @@ from weather_pipeline.core.tiles import targets_for
 from weather_pipeline.orchestration import status as status_mod
 from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
 from weather_pipeline.orchestration.jobs import (
-    MODEL_TAG,
-    PRIORITY_TAG,
     RANGE_END_TAG,
     RANGE_START_TAG,
-    RUN_TAG,
     TASK_TAG,
     ingest_job_name,
     tile_job_name,
 )
 from weather_pipeline.orchestration.partitions import partition_key, run_partitions
 from weather_pipeline.orchestration.resources import CacheResource
-from weather_pipeline.orchestration.sensors import GAP_FILL_PRIORITY, MAX_AUTOMATIC_ATTEMPTS, run_priority
+from weather_pipeline.orchestration.sensors import GAP_FILL_PRIORITY, MAX_AUTOMATIC_ATTEMPTS, batch_tags, run_priority
 
 #: the history the brief asks for
 N_RUNS = 20_000
@@ -183,14 +180,8 @@ class _Sim:
         return tags
 
     def _batch_tags(self, model: Model, run: str, hours: list[int], task: str, priority: int) -> dict[str, str]:
-        return {
-            RANGE_START_TAG: str(partition_key(run, hours[0])),
-            RANGE_END_TAG: str(partition_key(run, hours[-1])),
-            PRIORITY_TAG: str(priority),
-            MODEL_TAG: model.name,
-            RUN_TAG: run,
-            TASK_TAG: task,
-        }
+        # The production tags, so the simulated history cannot drift from what ScanSource writes.
+        return batch_tags(model, run, hours, task, priority)
 
     def _queue_delay(self) -> float:
         # dequeue every 2 s; now and then the tag limits hold a run back
@@ -199,7 +190,6 @@ class _Sim:
     # -- jobs --------------------------------------------------------------------------
     def ingest(self, model: Model, run: str, hours: list[int], when: float, attempt: int = 0,
                fail: str | None = None, retries: bool = True) -> Job:
-        run_time = datetime.strptime(run, "%Y%m%d_%H").replace(tzinfo=timezone.utc)
         created = when + self.rng.uniform(0.3, 1.5)
         start = created + self._queue_delay()
         per_hour = self.rng.uniform(3.0, 7.0) if model.name == "hrrr" else self.rng.uniform(5.0, 11.0)
@@ -1292,9 +1282,7 @@ def _markdown(h, by_job, n_runs, mat_keys, dyn, in_retention, counts, disk, n_av
         "",
     ]
     recs_f = acc_f.get("instance.get_records_for_run", [0, 0.0])
-    recs_w = acc_w.get("instance.get_records_for_run", [0, 0.0])
     du = acc_f.get("disk_usage", [0, 0.0])
-    per_shard = recs_f[1] / recs_f[0] if recs_f[0] else 0.0
     lines += [
         "What-ifs, measured by patching the status module in this process only (fresh instance per tick, "
         f"{SIDE_REPEATS} ticks each):",

@@ -601,13 +601,13 @@ STAGES = [
     ("scan_eval", "scan tick start → ingest run enqueued (sensor evaluation, run submission)"),
     ("i_queue", "ingest run enqueued → `RUN_STARTING` (queue: dequeue pass every 2 s, limits)"),
     ("i_proc", "`RUN_STARTING` → `RUN_START` (run worker process start-up)"),
-    ("i_worker", "`RUN_START` → `STEP_START` (step worker process start-up)"),
+    ("i_worker", "`RUN_START` → `STEP_START` (step start; a second process under the multiprocess executor)"),
     ("i_work", "ingest step start → this hour's GRIB materialization (earlier hours of the batch included)"),
     ("tiles_wait", "GRIB materialization → tiles sensor tick that sees it starts"),
     ("tiles_eval", "tiles tick start → tile run enqueued"),
     ("t_queue", "tile run enqueued → `RUN_STARTING` (queue)"),
     ("t_proc", "`RUN_STARTING` → `RUN_START` (run worker process start-up)"),
-    ("t_worker", "`RUN_START` → `STEP_START` (step worker process start-up)"),
+    ("t_worker", "`RUN_START` → `STEP_START` (step start; a second process under the multiprocess executor)"),
     ("t_work", "tile step start → this hour's conus 0.05 t2m tile written"),
 ]
 
@@ -705,7 +705,7 @@ def _fresh_markdown(f: dict) -> list[str]:
     lines += [
         "",
         "Per hour (seconds after the first hour was published; detect = the first two stages, launch = queue +",
-        "run process + step process):",
+        "run process + step start):",
         "",
         "| hour | published | hours in its ingest / tile run | scan detect | ingest launch | ingest | "
         "tiles detect | tile launch | tile build | **freshness** |",
@@ -724,6 +724,16 @@ def _fresh_markdown(f: dict) -> list[str]:
     sensors = [r["scan_wait"] + r["scan_eval"] + r["tiles_wait"] + r["tiles_eval"] for r in rows]
     work = [r["i_work"] + r["t_work"] for r in rows]
     queue = [r["i_queue"] + r["t_queue"] for r in rows]
+    multiprocess = any("worker_starting" in r.events for r in f["runs"])
+    if multiprocess:
+        step_proc = ("and (4) the multiprocess executor starts yet another process for the run's single step, "
+                     "importing it all again")
+        procs_note = ("each run is two fresh Python processes (the run worker, then the multiprocess executor's "
+                      "step worker), each importing Dagster and the code location;")
+    else:
+        step_proc = "and (4) the in-process executor runs the single step in that process (resources, `STEP_START`)"
+        procs_note = ("each run is a fresh Python process (the run worker; the jobs use the in-process executor), "
+                      "importing Dagster and the code location;")
     lines += [
         "",
         "The chain of delays, in order: (1) the scan sensor sees an hour at its next tick: on average half",
@@ -731,11 +741,10 @@ def _fresh_markdown(f: dict) -> list[str]:
         f"{med['detect']:.1f} s); (2) the run waits in the queue for the next dequeue pass (every 2 s) and any "
         "concurrency limit;",
         "(3) the daemon's run launcher starts a run worker process (`dagster api execute_run`: Python, Dagster",
-        "and the code location imported afresh), and (4) the default multiprocess executor starts yet another",
-        f"process for the single step, importing it all again (ingest launch, 2-4, median {med['i_launch']:.1f} s); "
-        f"(5) the ingest itself (median {med['ingest']:.1f} s);",
-        f"(6) the tiles sensor's next tick (median {med['t_detect']:.1f} s); (7) queue and two process start-ups "
-        f"again for the tile run (median {med['t_launch']:.1f} s);",
+        f"and the code location imported afresh), {step_proc} (ingest launch, 2-4, median {med['i_launch']:.1f} s);",
+        f"(5) the ingest itself (median {med['ingest']:.1f} s); "
+        f"(6) the tiles sensor's next tick (median {med['t_detect']:.1f} s); (7) queue and start-up",
+        f"again for the tile run (median {med['t_launch']:.1f} s); "
         f"(8) the tile build up to this tile (median {med['build']:.1f} s).",
         "",
         f"Summed per hour (medians): sensor waits and ticks {_pct(sensors, 50):.1f} s, queue waits "
@@ -747,11 +756,9 @@ def _fresh_markdown(f: dict) -> list[str]:
         "less than its minimum interval ago, so a tick that starts a fraction of a second late is deferred by",
         f"a whole loop: see the effective tick intervals in the table above ({SCAN_INTERVAL_S} s and "
         f"{TILES_INTERVAL_S} s configured).",
-        "Run start-ups: each run is two fresh Python processes (the run worker, then the multiprocess",
-        "executor's step worker for the run's single step), each importing Dagster and the code location;",
-        "when several start at once on 2 cores (an ingest and a tile run of neighbouring hours, the hourly",
-        "`prune_cache` run) they slow each other down, which is where the long launches in the per-hour",
-        "table come from.",
+        f"Run start-ups: {procs_note} when several start at once on 2 cores (an ingest and a tile run of",
+        "neighbouring hours, the hourly `prune_cache` run, other people's work: see the CPU row above) they",
+        "slow each other down, which is where the long launches in the per-hour table come from.",
         "",
     ]
     return lines
@@ -815,10 +822,10 @@ def _over_markdown(o: dict) -> list[str]:
     step_sum = {task: sum(e - s for r, (s, e) in zip(work, steps) if r.task == task) for task in ("ingest_grib", "build_tile")}
     lines += [
         "Every Dagster run, in order of creation (seconds; `created` is after the daemon's start; queue =",
-        "`RUN_ENQUEUED` → `RUN_STARTING`; run process = `RUN_STARTING` → `RUN_START`; step process = `RUN_START` →",
+        "`RUN_ENQUEUED` → `RUN_STARTING`; run process = `RUN_STARTING` → `RUN_START`; step start = `RUN_START` →",
         "`STEP_START`; step = `STEP_START` → `STEP_SUCCESS`; finish = `STEP_SUCCESS` → run end):",
         "",
-        "| job | hours | status | created | queue | run process | step process | step | finish |",
+        "| job | hours | status | created | queue | run process | step start | step | finish |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in runs:
@@ -853,13 +860,13 @@ def _over_markdown(o: dict) -> list[str]:
         ledger = [
             ("daemon start → ingest run enqueued (daemon and code location start-up, first scan tick)",
              (i.at("enqueued") or i.created) - t0, 0.0),
-            ("ingest run enqueued → step start (queue, run process, step process)",
+            ("ingest run enqueued → step start (queue, run process, step start)",
              i.at("step_start") - (i.at("enqueued") or i.created), 0.0),
             ("ingest step (`ingest_hour` per hour + metadata, log and materialization events)",
              i.span("step_start", "step_success"), b["ingest"]),
             ("ingest step end → tile run enqueued (run teardown overlaps; tiles sensor tick)",
              (t.at("enqueued") or t.created) - i.at("step_success"), 0.0),
-            ("tile run enqueued → step start (queue, run process, step process)",
+            ("tile run enqueued → step start (queue, run process, step start)",
              t.at("step_start") - (t.at("enqueued") or t.created), 0.0),
             ("tile step start → last tile materialization (build, retire, preview, metadata per hour; run tiles; "
              "checks)", o["t_end"] - t.at("step_start"), b["build"] + b["retire"] + b["run_tiles"]),

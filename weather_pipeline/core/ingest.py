@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Callable, Sequence
 
 from weather_pipeline.core import grib
@@ -58,9 +58,6 @@ class IngestReport:
     file_bytes: int | None = None  # size of the whole source file, when known
     retries: int = 0
     duration_s: float = 0.0
-
-    def as_dict(self) -> dict:
-        return asdict(self)
 
 
 def _plan(model: Model, variables: Sequence[Variable], entries: list[IdxEntry], hour: int, source: str):
@@ -233,6 +230,3 @@ def _ingest_from(
     say(f"{model.name} {run} f{hour:03d}: {len(report.variables)} variables from {choice.source}")
     return report
 
-
-def utcnow() -> datetime:
-    return datetime.now(timezone.utc)

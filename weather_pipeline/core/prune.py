@@ -121,13 +121,7 @@ def _scan(path: Path, skip: frozenset[Path] = frozenset()) -> _Scan:
         return out
     stack = [path]
     while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = list(it)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for e in entries:
+        for e in _entries(stack.pop()):
             p = Path(e.path)
             try:
                 if e.is_dir(follow_symlinks=False):
@@ -597,13 +591,7 @@ def clean_stale_temp_files(
     removed: list[Path] = []
     stack = [cache.root]
     while stack:
-        d = stack.pop()
-        try:
-            with os.scandir(d) as it:
-                entries = list(it)
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-        for e in entries:
+        for e in _entries(stack.pop()):
             path = Path(e.path)
             if e.name.startswith(TEMP_PREFIX):
                 try:
@@ -652,3 +640,12 @@ def _from_ts(ts: float | None) -> datetime | None:
 
 def _iso(t: datetime | None) -> str | None:
     return None if t is None else t.isoformat()
+
+
+def _entries(directory: Path) -> list[os.DirEntry]:
+    """A directory's entries, or none if it vanished meanwhile (a concurrent prune or rename)."""
+    try:
+        with os.scandir(directory) as it:
+            return list(it)
+    except (FileNotFoundError, NotADirectoryError):
+        return []

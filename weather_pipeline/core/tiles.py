@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import time
 import zipfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -121,7 +121,6 @@ class HourTiles:
     decode_s: float = 0.0
     regrid_s: float = 0.0
     write_s: float = 0.0
-    previews: dict[str, np.ndarray] = field(default_factory=dict, repr=False)  # label -> one tile
 
     @property
     def built(self) -> list[TileResult]:
@@ -130,11 +129,6 @@ class HourTiles:
     @property
     def unchanged(self) -> list[TileResult]:
         return [r for r in self.results if not r.built]
-
-    def as_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("previews")
-        return d
 
 
 def _up_to_date(path: Path, md5: str, method: str) -> dict[str, Any] | None:
@@ -231,7 +225,6 @@ def build_hour(
             report.regrid_s += t2 - t1
             report.write_s += time.perf_counter() - t2
             report.results.append(TileResult(t.region, t.res, name, str(path), md5, stats, True))
-            report.previews.setdefault(f"{name} {t.label}", data)
     return report
 
 

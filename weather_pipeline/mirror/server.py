@@ -41,6 +41,7 @@ import os
 import signal
 import socket
 import stat
+import struct
 import sys
 import threading
 import time
@@ -63,7 +64,7 @@ __all__ = [
     "parse_range",
 ]
 
-FaultMode = Literal["status", "ignore_range", "truncate", "corrupt", "delay", "redirect"]
+FaultMode = Literal["status", "ignore_range", "truncate", "corrupt", "delay", "redirect", "trickle", "reset"]
 FAULT_MODES: tuple[str, ...] = get_args(FaultMode)
 
 # Big enough to keep syscall overhead low, small enough that a 500 MB GRIB2
@@ -153,8 +154,14 @@ class FaultRule:
       (deterministic, same length).  Only GETs with a non-empty body use it up.
     * ``delay``: sleep ``seconds`` before answering normally.
     * ``redirect``: answer ``302`` to the same URL with ``redirected=1`` added
-      to the query.  Requests that already carry ``redirected=1`` never match a
-      redirect rule, so even ``times=None`` cannot loop.
+      to the query (on ``location``, a base URL such as ``http://other:8080``,
+      when set; else on this server).  Requests that already carry
+      ``redirected=1`` never match a redirect rule, so even ``times=None``
+      cannot loop.
+    * ``trickle``: send the headers, then ``count`` body bytes every
+      ``seconds`` (a stalled transfer that never trips a read timeout).
+      Only GETs with a non-empty body use it up.
+    * ``reset``: close the connection with a TCP reset before answering.
     """
 
     path_glob: str
@@ -165,6 +172,7 @@ class FaultRule:
     keep_bytes: int | None = None
     count: int = 16
     seconds: float = 1.0
+    location: str | None = None
     # How many requests this rule has affected so far.
     used: int = 0
 
@@ -190,6 +198,8 @@ class FaultRule:
         )
         if not seconds_is_number or self.seconds < 0:
             raise ValueError("seconds must be a non-negative number")
+        if self.location is not None and urlsplit(str(self.location)).scheme not in ("http", "https"):
+            raise ValueError("location must be an http(s) base URL")
 
     @property
     def used_up(self) -> bool:
@@ -248,6 +258,7 @@ class FaultRules:
         keep_bytes: int | None = None,
         count: int = 16,
         seconds: float = 1.0,
+        location: str | None = None,
     ) -> FaultRule:
         """Append a rule and return it (its ``used`` counter can be inspected)."""
         rule = FaultRule(
@@ -259,6 +270,7 @@ class FaultRules:
             keep_bytes=keep_bytes,
             count=count,
             seconds=seconds,
+            location=location,
         )
         return self.add_rule(rule)
 
@@ -301,7 +313,7 @@ def _applies(rule: FaultRule, facts: _RequestFacts) -> bool:
     # so e.g. a client's HEAD before its GET does not waste a truncate rule.
     if rule.mode == "ignore_range":
         return facts.ranged_file
-    if rule.mode in ("truncate", "corrupt"):
+    if rule.mode in ("truncate", "corrupt", "trickle"):
         return facts.sends_body
     if rule.mode == "redirect":
         return not facts.redirected
@@ -677,7 +689,7 @@ class _Handler(BaseHTTPRequestHandler):
             new_query = f"{query}&redirected=1" if query else "redirected=1"
             target = f"{urlsplit(self.path).path}?{new_query}"
             host = self.headers.get("Host")
-            base = f"http://{host}" if host else self.server.mirror.url
+            base = fault.location.rstrip("/") if fault.location else (f"http://{host}" if host else self.server.mirror.url)
             self._send(_Response(302, [("Location", base + target)]))
         elif fault.mode == "ignore_range":
             # Re-open rather than reuse: a 416 answer has no file handle.
@@ -698,6 +710,13 @@ class _Handler(BaseHTTPRequestHandler):
             count = min(fault.count, length)
             start = (length - count) // 2
             self._send(response, corrupt=(start, start + count))
+        elif fault.mode == "trickle":
+            self._send(response, trickle=(fault.count, fault.seconds))
+        elif fault.mode == "reset":
+            # SO_LINGER 0: close() sends RST instead of FIN, as a crashed peer or middlebox would
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            self.close_connection = True
+            self._sent_status = 0
         else:  # pragma: no cover - FaultRule validates modes
             raise AssertionError(fault.mode)
 
@@ -707,6 +726,7 @@ class _Handler(BaseHTTPRequestHandler):
         *,
         keep: int | None = None,
         corrupt: tuple[int, int] | None = None,
+        trickle: tuple[int, float] | None = None,
     ) -> None:
         """Send headers with the full Content-Length, then (part of) the body."""
         length = response.body_length
@@ -730,6 +750,16 @@ class _Handler(BaseHTTPRequestHandler):
                 chunk = chunk[: limit - sent]
                 if corrupt is not None:
                     chunk = _flip(chunk, sent, corrupt)
+                if trickle is not None:
+                    step, pause = trickle
+                    for i in range(0, len(chunk), step):
+                        if self.server.mirror._stopping.wait(pause):
+                            raise ConnectionError("server stopping")
+                        self.wfile.write(chunk[i : i + step])
+                        self.wfile.flush()
+                        sent += len(chunk[i : i + step])
+                        self._body_bytes = sent
+                    continue
                 self.wfile.write(chunk)
                 sent += len(chunk)
                 self._body_bytes = sent

@@ -22,6 +22,12 @@ OVERLAY_ENV = "WEATHER_PIPELINE_CATALOG"
 
 RUN_KEY_FORMAT = "%Y%m%d_%H"
 _RUN_KEY_RE = re.compile(r"^(\d{8})_(\d{2})$")
+#: sanity limits for values an overlay may set (the catalog is input like any other)
+MAX_FORECAST_HOUR = 1000
+MAX_TILE_POINTS = 50_000_000  # a region at a resolution: ~200 MB of float32
+#: how many spans of its valid range a decoded value may lie outside it before it is corrupt
+CORRUPTION_ENVELOPE = 10.0
+_TEMPLATE_FIELDS = {"date", "cycle", "hour"}
 
 
 class CatalogError(ValueError):
@@ -83,6 +89,20 @@ class Variable:
     def pattern(self) -> re.Pattern[str]:
         return re.compile(self.search)
 
+    @property
+    def plausible_range(self) -> tuple[float, float] | None:
+        """Values beyond this cannot be real: `valid_range` widened by CORRUPTION_ENVELOPE spans.
+
+        GRIB2 has no checksum and eccodes decodes damaged data sections happily, but with NOAA's
+        spatial-differencing packing damage is integrated into every later value, which lands
+        orders of magnitude outside; a generous envelope never rejects a real fill value.
+        """
+        if self.valid_range is None:
+            return None
+        low, high = self.valid_range
+        span = high - low
+        return (low - CORRUPTION_ENVELOPE * span, high + CORRUPTION_ENVELOPE * span)
+
     def present_at(self, hour: int) -> bool:
         """Whether the model publishes this variable at this forecast hour (GFS f000 has no APCP)."""
         return hour >= self.first_hour
@@ -107,6 +127,7 @@ class Source:
     requests_per_minute: int | None = None
     keeps_hours: int | None = None
     listing: str | None = None  # "s3": supports ListObjectsV2 (one request lists a run)
+    redirect_hosts: tuple[str, ...] = ()  # hosts its redirects may lead to (besides its own)
 
 
 @dataclass(frozen=True)
@@ -290,8 +311,34 @@ def _parse_date(value: Any) -> date:
     return value if isinstance(value, date) else date.fromisoformat(str(value))
 
 
+def _check_template(model: str, template: str) -> None:
+    import string
+
+    parts = template.split("/")
+    if template.startswith("/") or any(p in ("", ".", "..") for p in parts) or "\\" in template:
+        raise KeyError(f"path template {template!r} must be a relative path without '.', '..' or empty parts")
+    fields = {f for _, f, _, _ in string.Formatter().parse(template) if f}
+    unknown = fields - _TEMPLATE_FIELDS
+    if unknown:
+        raise KeyError(f"path template {template!r} uses unknown fields {sorted(unknown)} (known: date, cycle, hour)")
+
+
+def _check_url(source: str, url: Any) -> None:
+    from urllib.parse import urlsplit
+
+    text = str(url).replace("{mirror}", "http://mirror")
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise KeyError(f"url for source {source!r} must be http(s)://host/..., not {url!r}")
+
+
 def _build_model(name: str, raw: Mapping[str, Any]) -> Model:
+    from weather_pipeline.core.cache import UnsafePath, check_name
+
     try:
+        check_name("model", name)
+        for vname in raw.get("variables", {}):
+            check_name("variable", vname)
         variables = {
             vname: Variable(
                 name=vname,
@@ -311,7 +358,15 @@ def _build_model(name: str, raw: Mapping[str, Any]) -> Model:
             re.compile(v.search)
             if v.pair and (v.pair not in variables or v.wind not in ("u", "v")):
                 raise KeyError(f"variable {v.name}: pair {v.pair!r} must name a variable and wind be 'u' or 'v'")
-        return Model(
+            if v.valid_range is not None and not (len(v.valid_range) == 2 and v.valid_range[0] < v.valid_range[1]):
+                raise KeyError(f"variable {v.name}: valid_range must be [low, high] with low < high")
+            if v.accumulation is not None and not re.fullmatch(r"run_total|\d{1,3}h", str(v.accumulation)):
+                raise KeyError(f"variable {v.name}: accumulation must be 'run_total' or 'Nh' (an N-hour bucket)")
+        for p in raw["paths"]:
+            _check_template(name, p["template"])
+        for source, url in raw.get("urls", {}).items():
+            _check_url(source, url)
+        model = Model(
             name=name,
             title=raw.get("title", name),
             run_hours=parse_hours(raw["run_hours"]),
@@ -332,28 +387,59 @@ def _build_model(name: str, raw: Mapping[str, Any]) -> Model:
             scan_lookback_hours=int(raw.get("scan_lookback_hours", 6)),
             publish_window_hours=int(raw.get("publish_window_hours", 3)),
         )
-    except (KeyError, TypeError, re.error) as exc:
+        if not model.run_hours or not set(model.run_hours) <= set(range(24)):
+            raise KeyError(f"run_hours must be hours of the day 0-23, not {format_hours(model.run_hours)}")
+        if model.all_hours and model.all_hours[-1] > MAX_FORECAST_HOUR:
+            raise KeyError(f"forecast hours go up to {model.all_hours[-1]}, over the limit of {MAX_FORECAST_HOUR}")
+        for field_name in ("retention_hours", "scan_lookback_hours", "publish_window_hours"):
+            if not 0 < getattr(model, field_name) <= 24 * 365:
+                raise KeyError(f"{field_name} must be between 1 and {24 * 365} hours")
+        return model
+    except UnsafePath as exc:
+        raise CatalogError(f"catalog entry for model {name!r}: {exc}") from None
+    except (KeyError, TypeError, ValueError, re.error) as exc:
         raise CatalogError(f"catalog entry for model {name!r} is malformed: {exc!r}") from None
 
 
 def build_catalog(raw: Mapping[str, Any]) -> Catalog:
     models = {name: _build_model(name, m) for name, m in raw.get("models", {}).items()}
-    sources = {
-        name: Source(
-            name=name,
-            title=s.get("title", name),
-            requests_per_minute=s.get("requests_per_minute"),
-            keeps_hours=s.get("keeps_hours"),
-            listing=s.get("listing"),
-        )
-        for name, s in raw.get("sources", {}).items()
-    }
+    sources = {}
+    for name, s in raw.get("sources", {}).items():
+        try:
+            rpm = s.get("requests_per_minute")
+            if rpm is not None and not (isinstance(rpm, int) and 0 < rpm <= 100_000):
+                raise ValueError(f"requests_per_minute must be a positive integer, not {rpm!r}")
+            hosts = s.get("redirect_hosts", [])
+            if not (isinstance(hosts, list) and all(isinstance(h, str) and re.fullmatch(r"[A-Za-z0-9.-]+", h) for h in hosts)):
+                raise ValueError("redirect_hosts must be a list of host names")
+            sources[name] = Source(
+                name=name,
+                title=s.get("title", name),
+                requests_per_minute=rpm,
+                keeps_hours=s.get("keeps_hours"),
+                listing=s.get("listing"),
+                redirect_hosts=tuple(hosts),
+            )
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise CatalogError(f"catalog entry for source {name!r} is malformed: {exc}") from None
+    from weather_pipeline.core.cache import UnsafePath, check_name
+
     regions = {}
     for name, r in raw.get("regions", {}).items():
         try:
+            check_name("region", name)
             bbox = tuple(float(x) for x in r["bbox"])
             if len(bbox) != 4:
                 raise ValueError("bbox needs 4 numbers W,S,E,N")
+            west, south, east, north = bbox
+            if not (-180 <= west < east <= 180 and -90 <= south < north <= 90):
+                raise ValueError(f"bbox {list(bbox)} must have -180 <= W < E <= 180 and -90 <= S < N <= 90")
+            for res in r["resolutions"]:
+                res = float(res)
+                points = ((east - west) / res + 1) * ((north - south) / res + 1) if res > 0 else float("inf")
+                if not (res > 0 and points <= MAX_TILE_POINTS):
+                    raise ValueError(f"resolution {res:g} gives {points:.3g} points per tile, over the limit of "
+                                     f"{MAX_TILE_POINTS:.3g} (or is not positive)")
             unknown = [m for m in r.get("models", list(models)) if m not in models]
             if unknown:
                 raise ValueError(f"unknown models {unknown}")
@@ -365,7 +451,7 @@ def build_catalog(raw: Mapping[str, Any]) -> Catalog:
                 models=tuple(r.get("models", list(models))),
                 max_nan_fraction=float(r.get("max_nan_fraction", 0.0)),
             )
-        except (KeyError, TypeError, ValueError) as exc:
+        except (KeyError, TypeError, ValueError, UnsafePath) as exc:
             raise CatalogError(f"catalog entry for region {name!r} is malformed: {exc}") from None
     return Catalog(models=models, sources=sources, regions=regions, raw=raw)
 

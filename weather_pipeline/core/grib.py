@@ -357,6 +357,90 @@ def _missing_mask(handle: Any, values: np.ndarray) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------
+# Message identity (headers only, no value decode)
+# ------------------------------------------------------------------------------------------
+
+#: minutes per unit of code table 4.4, for the units forecast times are given in
+_MINUTES = {0: 1, 1: 60, 2: 1440, 10: 180, 11: 360, 12: 720, 13: 1 / 60}
+
+
+@dataclass(frozen=True, slots=True)
+class MessageIdentity:
+    """What a GRIB2 message says it is, read from its sections 1 and 4 without decoding values.
+
+    `inventory` is the wgrib2 text of parameter, level and forecast (what `.idx` lines and the
+    catalog's patterns speak); `parameter` is (discipline, category, number); `levels` the two
+    fixed-surface types; `reference_time` the run; `start_hour`/`end_hour` the forecast time
+    (equal for an instantaneous field; the interval for a statistic, e.g. 0 and 5 for a 0-5 hour
+    accumulation); `statistic` the process of code table 4.10 (1 = accumulation) or None.
+    """
+
+    inventory: InventoryFields
+    parameter: tuple[int, int, int]
+    levels: tuple[int, int]
+    reference_time: datetime
+    start_hour: float | None
+    end_hour: float | None
+    statistic: int | None
+
+    def idx_line(self, msg: str = "1", start: int = 0) -> str:
+        """The `.idx` line wgrib2 would write for this message (what catalog patterns match)."""
+        return f"{msg}:{start}:d={self.reference_time:%Y%m%d%H}:{self.inventory}:"
+
+    def __str__(self) -> str:
+        return f"{self.inventory} (run {self.reference_time:%Y-%m-%d %H:%M}Z)"
+
+
+def _hours(value: int | None, unit: int | None) -> float | None:
+    if value is None or unit is None or unit not in _MINUTES:
+        return None
+    return value * _MINUTES[unit] / 60
+
+
+def message_identity(message: bytes | bytearray | memoryview, *, source: str = "<bytes>") -> MessageIdentity:
+    """The identity of one GRIB2 message (one field) from its headers; GribError if unreadable."""
+    try:
+        handle = eccodes.codes_new_from_message(bytes(message))
+    except eccodes.CodesInternalError as exc:
+        raise GribError(f"{source}: eccodes cannot parse the message headers: {exc}") from None
+    try:
+        inventory = describe(handle)
+        parameter = (
+            eccodes.codes_get(handle, "discipline", int),
+            _get_int(handle, "parameterCategory") or 0,
+            _get_int(handle, "parameterNumber") or 0,
+        )
+        levels = (
+            _get_int(handle, "typeOfFirstFixedSurface") or 255,
+            _get_int(handle, "typeOfSecondFixedSurface") or 255,
+        )
+        start = _hours(_get_int(handle, "forecastTime"), _get_int(handle, "indicatorOfUnitOfTimeRange"))
+        ranges = _get_int(handle, "numberOfTimeRange")
+        statistic = None
+        end = start
+        if ranges:
+            statistic = _get_int(handle, "typeOfStatisticalProcessing")
+            length = _hours(_get_int(handle, "lengthOfTimeRange"), _get_int(handle, "indicatorOfUnitForTimeRange"))
+            end = None if start is None or length is None else start + length
+        return MessageIdentity(inventory, parameter, levels, _reference_time(handle), start, end, statistic)
+    except eccodes.CodesInternalError as exc:
+        raise GribError(f"{source}: eccodes cannot read the message headers: {exc}") from None
+    finally:
+        eccodes.codes_release(handle)
+
+
+def message_identities(data: bytes | bytearray | memoryview, *, source: str = "<bytes>") -> list[MessageIdentity]:
+    """The identity of every field in `data` (framed first; multi-field messages split)."""
+    view = _as_view(data)
+    out = []
+    for span in iter_message_spans(view, source=source):
+        if span.edition != 2:
+            raise GribError(f"{source}: the message at byte {span.offset} is GRIB{span.edition}, not GRIB2")
+        out += [message_identity(m, source=source) for m in _message_fields(view, span, source)]
+    return out
+
+
+# ------------------------------------------------------------------------------------------
 # wgrib2 naming
 # ------------------------------------------------------------------------------------------
 

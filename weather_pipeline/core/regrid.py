@@ -20,9 +20,11 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import threading
+import zipfile
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ import numpy as np
 import pyproj
 
 from weather_pipeline.core.cache import atomic_write_bytes
+
+log = logging.getLogger(__name__)
 
 METHODS = ("bilinear", "nearest")
 #: fractional indices this close to an integer are snapped to it (1e-6 of a cell)
@@ -231,9 +235,23 @@ class Weights:
         return buf.getvalue()
 
     @classmethod
-    def from_file(cls, path: Path) -> "Weights":
-        with np.load(path) as z:
-            return cls(z["index"], z["weight"], z["valid"], tuple(int(x) for x in z["shape"]))
+    def from_file(cls, path: Path, *, source_points: int | None = None,
+                  shape: tuple[int, int] | None = None) -> "Weights":
+        """Read weights back; ValueError when the file is damaged or does not fit the grids."""
+        try:
+            with np.load(path) as z:
+                w = cls(z["index"], z["weight"], z["valid"], tuple(int(x) for x in z["shape"]))
+        except (OSError, KeyError, EOFError, zipfile.BadZipFile, ValueError) as exc:
+            raise ValueError(f"{path}: damaged weights file ({type(exc).__name__}: {exc})") from None
+        ny, nx = w.shape
+        n_valid = int(np.count_nonzero(w.valid))
+        if (w.index.ndim != 2 or w.index.shape != w.weight.shape or w.valid.size != ny * nx
+                or w.index.shape[1] != n_valid or w.index.dtype != np.int32
+                or (shape is not None and w.shape != tuple(shape))
+                or (w.index.size and (int(w.index.min()) < 0
+                                      or (source_points is not None and int(w.index.max()) >= source_points)))):
+            raise ValueError(f"{path}: weights do not fit the grids (damaged or stale)")
+        return w
 
 
 def _snap(f: np.ndarray) -> np.ndarray:
@@ -303,9 +321,11 @@ def cached_weights(cache_dir: Path, source: SourceGrid, target: TargetGrid, meth
     weights, hit = None, False
     if path.is_file():
         try:
-            weights, hit = Weights.from_file(path), True
-        except (OSError, ValueError, KeyError):
-            path.unlink(missing_ok=True)  # a damaged file is rebuilt, not trusted
+            weights, hit = Weights.from_file(path, source_points=source.shape[0] * source.shape[1],
+                                             shape=target.shape), True
+        except ValueError as exc:
+            log.warning("rebuilding %s: %s", path, exc)
+            path.unlink(missing_ok=True)  # a damaged file is rebuilt, never trusted
     if weights is None:
         weights = compute_weights(source, target, method)
         atomic_write_bytes(path, weights.to_bytes())

@@ -13,6 +13,7 @@ number of hours.
 from __future__ import annotations
 
 import json
+import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -39,6 +40,28 @@ from weather_pipeline.core.winds import cached_rotation_angle, rotate_to_earth
 
 class TileError(ValueError):
     """A tile that cannot be built; the message names the model, run, hour and variable."""
+
+
+class GribNeedsRefetch(TileError):
+    """The GRIB subset of an hour is not the one the ingest verified (changed on disk, or decodes
+    to impossible values): it was moved to quarantine, and the hour must be ingested again."""
+
+    def __init__(self, message: str, variable: str, path: Path, quarantined: Path | None):
+        super().__init__(message)
+        self.variable = variable
+        self.path = path
+        self.quarantined = quarantined
+
+
+def quarantine(cache: CacheLayout, path: Path) -> Path | None:
+    """Move a damaged cache file to `cache/quarantine/...` (same relative path); None if gone."""
+    dest = cache.quarantine_path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        os.replace(path, dest)
+    except FileNotFoundError:
+        return None
+    return dest
 
 
 @dataclass(frozen=True)
@@ -91,10 +114,15 @@ def read_sidecar(npz_path: Path) -> dict[str, Any] | None:
 
 
 def write_tile(path: Path, data: np.ndarray, target: TargetGrid, sidecar: dict[str, Any]) -> None:
-    """The hourly tile (data, lat, lon) and then its sidecar, each atomically."""
+    """The hourly tile (data, lat, lon) and then its sidecar, each atomically.
+
+    The sidecar records the tile's size (`npz_bytes`), so a tile deleted, truncated or replaced
+    by hand is not mistaken for an up-to-date one.
+    """
     with atomic_writer(path) as fh:
         np.savez(fh, data=data.astype(np.float32, copy=False), lat=target.lats, lon=target.lons)
-    atomic_write_text(sidecar_path(path), json.dumps(sidecar, indent=1, sort_keys=True))
+        size = fh.tell()
+    atomic_write_text(sidecar_path(path), json.dumps({**sidecar, "npz_bytes": size}, indent=1, sort_keys=True))
 
 
 # -- one forecast hour --------------------------------------------------------------------
@@ -131,9 +159,21 @@ class HourTiles:
         return [r for r in self.results if not r.built]
 
 
+def tile_intact(path: Path, meta: dict[str, Any] | None) -> bool:
+    """The tile exists beside a readable sidecar and has the size the sidecar recorded (cheap)."""
+    if not meta:
+        return False
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    recorded = meta.get("npz_bytes")
+    return recorded is None or recorded == size
+
+
 def _up_to_date(path: Path, md5: str, method: str) -> dict[str, Any] | None:
     meta = read_sidecar(path)
-    if meta and path.is_file() and meta.get("source_grib_md5") == md5 and meta.get("method") == method:
+    if tile_intact(path, meta) and meta.get("source_grib_md5") == md5 and meta.get("method") == method:
         return meta
     return None
 
@@ -156,8 +196,15 @@ def build_hour(
     regions: Sequence[str] | None = None,
     force: bool = False,
     catalog: Catalog | None = None,
+    expected_md5: dict[str, str] | None = None,
 ) -> HourTiles:
-    """Build (or confirm up to date) every tile of one forecast hour from its GRIB subsets."""
+    """Build (or confirm up to date) every tile of one forecast hour from its GRIB subsets.
+
+    `expected_md5` (variable -> md5, what the ingest recorded) is checked before a GRIB is used:
+    a GRIB that changed on disk since it was verified is quarantined and GribNeedsRefetch
+    raised. So is one whose decoded values fall outside the variable's plausible envelope
+    (`ingest.plausible_envelope`): the tile is never built from it.
+    """
     catalog = catalog or load_catalog()
     model = catalog.model(model_name)
     model.validate_hour(run, hour)
@@ -173,7 +220,7 @@ def build_hour(
         tiles = [cache.tile_path(t.region, t.res, model.name, run, var.name, hour) for t in targets]
         if path is None:
             metas = [read_sidecar(p) for p in tiles]
-            if all(m and p.is_file() for m, p in zip(metas, tiles)):
+            if all(tile_intact(p, m) for m, p in zip(metas, tiles)):
                 for t, p, m in zip(targets, tiles, metas):
                     report.results.append(TileResult(t.region, t.res, var.name, str(p), m["source_grib_md5"], m["stats"], False))
                 continue
@@ -183,6 +230,13 @@ def build_hour(
             )
         data = path.read_bytes()  # read once: hashed here, decoded below if needed
         md5 = md5_bytes(data)
+        recorded = (expected_md5 or {}).get(var.name)
+        if expected_md5 is not None and recorded != md5:
+            moved = quarantine(cache, path)
+            raise GribNeedsRefetch(
+                f"{model.name} {run} f{hour:03d} {var.name}: {path} is not the GRIB the ingest verified "
+                f"(md5 {md5}, recorded {recorded or 'none'}); moved to {moved}, the hour must be ingested again",
+                var.name, path, moved)
         current = [_up_to_date(p, md5, method) for p in tiles]
         if not force and all(current):
             for t, p, m in zip(targets, tiles, current):
@@ -202,6 +256,7 @@ def build_hour(
     t0 = time.perf_counter()
     for name, (_md5, data) in todo.items():
         f = _decode(data, gribs[name])
+        _check_plausible(cache, model, run, hour, model.variables[name], f.values, gribs[name])
         fields[name], grids[name] = f.values, SourceGrid(f.grid_keys)
     for name in todo:
         var = model.variables[name]
@@ -226,6 +281,24 @@ def build_hour(
             report.write_s += time.perf_counter() - t2
             report.results.append(TileResult(t.region, t.res, name, str(path), md5, stats, True))
     return report
+
+
+def _check_plausible(cache: CacheLayout, model: Model, run: str, hour: int, var: Variable, values: np.ndarray,
+                     path: Path) -> None:
+    """Quarantine a GRIB whose decoded values cannot be real (corruption eccodes did not notice)."""
+    envelope = var.plausible_range
+    if envelope is None:
+        return
+    finite = values[np.isfinite(values)]
+    if not finite.size:
+        return
+    vmin, vmax = float(finite.min()), float(finite.max())
+    if vmin < envelope[0] or vmax > envelope[1]:
+        moved = quarantine(cache, path)
+        raise GribNeedsRefetch(
+            f"{model.name} {run} f{hour:03d} {var.name}: {path} decodes to values in [{vmin:g}, {vmax:g}], outside "
+            f"the plausible [{envelope[0]:g}, {envelope[1]:g}]: corrupt; moved to {moved}, the hour must be ingested again",
+            var.name, path, moved)
 
 
 def _sidecar(model: Model, var: Variable, run: str, hour: int, t: TileTarget, method: str, md5: str,

@@ -58,9 +58,12 @@ def cached_rotation_angle(cache_dir: Path, source: SourceGrid) -> np.ndarray:
     path = Path(cache_dir) / f"rotation-{source.fingerprint()}.npy"
     if path.is_file():
         try:
-            return np.load(path)
-        except (OSError, ValueError):
-            path.unlink(missing_ok=True)
+            angle = np.load(path)
+            if angle.shape == tuple(source.shape) and angle.dtype == np.float32 and np.isfinite(angle).all():
+                return angle
+        except (OSError, ValueError, EOFError):
+            pass
+        path.unlink(missing_ok=True)  # damaged or stale: rebuilt, never trusted
     angle = rotation_angle(source)
     import io
 

@@ -4,6 +4,13 @@
 
 A run of the asset may cover many partitions (single-run backfill policy): all the hours of
 one model run are fetched in one Dagster run, so process start-up is paid per batch.
+
+Each hour is recorded as materialized (with its metadata) the moment its files are committed,
+not at the end of the batch: when some hours of a batch fail, or the worker is killed, the
+hours that landed stay materialized, are not fetched again and are not reported missing. The
+assets are therefore generators with `output_required=False`: the runtime materializations are
+the only ones. A step retry, a run retry or a re-execution of a failed batch skips the hours
+that an earlier attempt of the same lineage already committed, once their files check out.
 """
 
 
@@ -13,14 +20,15 @@ from collections import defaultdict
 from dagster import (
     AssetExecutionContext,
     AssetKey,
+    AssetMaterialization,
     AssetRecordsFilter,
     AssetsDefinition,
     Backoff,
     BackfillPolicy,
     BetaWarning,
+    DagsterInstance,
     Failure,
     Jitter,
-    MaterializeResult,
     MetadataValue,
     RetryPolicy,
     asset,
@@ -28,11 +36,20 @@ from dagster import (
 
 import numpy as np
 
+from weather_pipeline.core.cache import CacheLayout, CacheWriteError
 from weather_pipeline.core.catalog import InvalidRequest, Model, load_catalog
-from weather_pipeline.core.http import TransientError
-from weather_pipeline.core.ingest import IngestReport, ingest_hour
+from weather_pipeline.core.ingest import IngestReport, ingest_hour, is_transient, verify_hour_files
 from weather_pipeline.core.preview import preview_markdown
-from weather_pipeline.core.tiles import HourTiles, TileError, build_hour, retire_gribs, targets_for, update_run_tile
+from weather_pipeline.core.repairs import REBUILD, REFETCH, close_tickets, open_ticket
+from weather_pipeline.core.tiles import (
+    GribNeedsRefetch,
+    HourTiles,
+    TileError,
+    build_hour,
+    retire_gribs,
+    targets_for,
+    update_run_tile,
+)
 from weather_pipeline.orchestration.checks import evaluate_tile_checks, tile_check_specs
 from weather_pipeline.orchestration.partitions import model_partitions, parse_partition_key, partition_key
 from weather_pipeline.orchestration.resources import CacheResource, NoaaSourceResource, TileSettings
@@ -91,30 +108,92 @@ def download_pool(source: str) -> str:
     return f"download_{source}"
 
 
-def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
+def run_lineage(instance: DagsterInstance, run_id: str) -> set[str]:
+    """This run and the runs it retries or re-executes (its parent chain)."""
+    ids = {run_id}
+    run = instance.get_run_by_id(run_id)
+    while run is not None and run.parent_run_id and run.parent_run_id not in ids:
+        ids.add(run.parent_run_id)
+        run = instance.get_run_by_id(run.parent_run_id)
+    return ids
+
+
+def latest_materializations(instance: DagsterInstance, asset_key: AssetKey, partition_keys: list[str]) -> dict:
+    """The newest materialization record of each of these partitions (absent: never)."""
+    latest: dict = {}
+    for start in range(0, len(partition_keys), 200):
+        chunk = partition_keys[start:start + 200]
+        records = instance.fetch_materializations(
+            AssetRecordsFilter(asset_key=asset_key, asset_partitions=chunk), limit=len(chunk) * 4
+        ).records
+        for rec in records:  # newest first
+            latest.setdefault(rec.partition_key, rec)
+    return latest
+
+
+def recorded_md5(record) -> dict[str, str] | None:
+    md5 = record.asset_materialization.metadata.get("md5") if record is not None else None
+    return dict(md5.value) if md5 is not None else None
+
+
+def _batch_failure(model: Model, requested: list, failures: dict[str, str], transient: bool, task: str) -> Failure:
+    return Failure(
+        description=f"{len(failures)} of {len(requested)} {model.name} hours failed ({task}): "
+        + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
+        metadata={"failed": MetadataValue.json(failures)},
+        allow_retries=transient,
+    )
+
+
+def _committed_in_lineage(context: AssetExecutionContext, model: Model, asset_key: AssetKey,
+                          requested: list, layout: CacheLayout) -> set[str]:
+    """Partitions an earlier attempt of this run's lineage committed and whose files check out."""
+    lineage = run_lineage(context.instance, context.run.run_id)
+    latest = latest_materializations(context.instance, asset_key, [key for key, _r, _h in requested])
+    done = set()
+    for key, run, hour in requested:
+        rec = latest.get(key)
+        md5 = recorded_md5(rec)
+        if rec is None or rec.run_id not in lineage or md5 is None:
+            continue
+        if not verify_hour_files(model, run, hour, layout, md5):
+            done.add(key)
+    return done
+
+
+def build_grib_asset(model: Model, pool: str | None = None,
+                     retry_policy: RetryPolicy = DOWNLOAD_RETRY_POLICY) -> AssetsDefinition:
+    asset_key = AssetKey(grib_asset_name(model.name))
+
     @asset(
         name=grib_asset_name(model.name),
         group_name=model.name,
         partitions_def=model_partitions(model),
         backfill_policy=BackfillPolicy.single_run(),
-        retry_policy=DOWNLOAD_RETRY_POLICY,
+        retry_policy=retry_policy,
         pool=pool,
         kinds={"grib2"},
+        output_required=False,
         description=(
             f"{model.title}: the default variables of each forecast hour as GRIB2 subsets, "
             f"fetched by .idx byte ranges, at cache/gribs/{model.name}/{{run}}/{{variable}}/grib_{{hour:03d}}.grib2."
         ),
         tags={"model": model.name, "task": "ingest_grib"},
     )
-    def _grib(context: AssetExecutionContext, cache: CacheResource, noaa: NoaaSourceResource) -> None:
+    def _grib(context: AssetExecutionContext, cache: CacheResource, noaa: NoaaSourceResource):
         requested = _validated(context, model)
         layout = cache.layout()
         settings = noaa.source_settings()
         failures: dict[str, str] = {}
         transient = False
         totals: dict[str, int] = defaultdict(int)
+        done = _committed_in_lineage(context, model, asset_key, requested, layout)
+        if done:
+            context.log.info(f"{len(done)} of {len(requested)} hours were committed by an earlier attempt; not fetched again")
         with noaa.client() as client:
             for i, (key, run, hour) in enumerate(requested, start=1):
+                if key in done:
+                    continue
                 try:
                     report = ingest_hour(
                         model.name, run, hour, cache=layout, client=client, settings=settings,
@@ -122,10 +201,18 @@ def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
                     )
                 except Exception as exc:  # noqa: BLE001 - one bad hour must not hide the others' results
                     failures[str(key)] = f"{type(exc).__name__}: {exc}"
-                    transient = transient or isinstance(exc, (TransientError, OSError))
+                    transient = transient or is_transient(exc)
                     context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d} failed: {exc}")
+                    if isinstance(exc, CacheWriteError):
+                        transient = False  # a full disk fails every later hour too: stop here
+                        failures.update({str(k): "not attempted: the cache could not be written"
+                                         for k, _r, _h in requested[i:] if k not in done})
+                        break
                     continue
-                context.add_asset_metadata(ingest_metadata(report), partition_key=str(key))
+                # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
+                context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
+                                                       metadata=ingest_metadata(report)))
+                close_tickets(layout, model.name, run, hour, (REFETCH,))
                 totals["bytes"] += report.bytes_fetched
                 totals["requests"] += report.requests
                 context.log.info(
@@ -134,19 +221,15 @@ def build_grib_asset(model: Model, pool: str | None = None) -> AssetsDefinition:
                     + (f" ({report.index})" if report.index != "remote .idx" else "")
                 )
         if failures:
-            # A single-run batch succeeds or fails as a whole in Dagster's eyes; files of the
-            # hours that worked stay in the cache and are fetched again on retry. Only transient
-            # trouble (the network, a server's 5xx) is worth the step's retry policy: an hour
-            # that is not published or a bad inventory will not change in a minute.
-            raise Failure(
-                description=f"{len(failures)} of {len(requested)} {model.name} hours failed: "
-                + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
-                metadata={"failed": MetadataValue.json(failures)},
-                allow_retries=transient,
-            )
+            # Only transient trouble (the network, a server's 5xx) is worth the step's retry
+            # policy: a mismatched message, a full disk or an unpublished hour will not change in
+            # a minute. The hours that landed are materialized already.
+            raise _batch_failure(model, requested, failures, transient, "IngestGrib")
         context.log.info(
             f"{model.name}: {len(requested)} hours, {totals['bytes'] / 1e6:.2f} MB, {totals['requests']} requests"
         )
+        if False:  # a generator: the runtime materializations above are the asset's only ones
+            yield
 
     return _grib
 
@@ -170,19 +253,9 @@ def tile_metadata(report: HourTiles, preview: str | None, freed: int) -> dict:
     }
 
 
-def _ingested_md5(context: AssetExecutionContext, model: Model, key: str) -> dict[str, str] | None:
-    """md5 per variable that the GRIB asset recorded for this partition (None if never)."""
-    records = context.instance.fetch_materializations(
-        AssetRecordsFilter(asset_key=AssetKey(grib_asset_name(model.name)), asset_partitions=[key]), limit=1
-    ).records
-    if not records:
-        return None
-    md5 = records[0].asset_materialization.metadata.get("md5")
-    return dict(md5.value) if md5 is not None else None
-
-
 def build_tile_asset(model: Model) -> AssetsDefinition:
     key = AssetKey(tile_asset_name(model.name))
+    grib_key = AssetKey(grib_asset_name(model.name))
     catalog = load_catalog()
     regions = ", ".join(f"{t.region} at {t.res:g} deg" for t in targets_for(model.name, catalog))
 
@@ -190,10 +263,11 @@ def build_tile_asset(model: Model) -> AssetsDefinition:
         name=key.path[-1],
         group_name=model.name,
         partitions_def=model_partitions(model),
-        deps=[AssetKey(grib_asset_name(model.name))],
+        deps=[grib_key],
         backfill_policy=BackfillPolicy.single_run(),
         check_specs=tile_check_specs(key),
         kinds={"numpy"},
+        output_required=False,
         description=(
             f"{model.title}: regional NPZ tiles with JSON sidecars ({regions}) at "
             f"cache/tiles/{{region}}/{{res}}deg/{model.name}/{{run}}/{{variable}}/tile_{{hour:03d}}.npz, "
@@ -201,18 +275,32 @@ def build_tile_asset(model: Model) -> AssetsDefinition:
         ),
         tags={"model": model.name, "task": "build_tile"},
     )
-    def _tiles(context: AssetExecutionContext, cache: CacheResource, tiling: TileSettings) -> MaterializeResult:
+    def _tiles(context: AssetExecutionContext, cache: CacheResource, tiling: TileSettings):
         requested = _validated(context, model)
         layout = cache.layout()
         keep = tiling.keeps_gribs(model)
         reports: list[HourTiles] = []
         failures: dict[str, str] = {}
+        latest = latest_materializations(context.instance, grib_key, [k for k, _r, _h in requested])
+        ingested = {(run, hour): recorded_md5(latest.get(pkey)) for pkey, run, hour in requested}
         for i, (pkey, run, hour) in enumerate(requested, start=1):
             try:
-                report = build_hour(model.name, run, hour, layout, method=tiling.method, catalog=catalog)
+                report = build_hour(model.name, run, hour, layout, method=tiling.method, catalog=catalog,
+                                    expected_md5=ingested[(run, hour)])
+            except GribNeedsRefetch as exc:
+                # The GRIB changed on disk or is corrupt: quarantined; ScanSource fetches it again.
+                open_ticket(layout, model.name, run, hour, REFETCH, str(exc),
+                            [str(exc.path)] + ([str(exc.quarantined)] if exc.quarantined else []))
+                failures[pkey] = f"{type(exc).__name__}: {exc}"
+                context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {exc}")
+                continue
             except (TileError, ValueError, OSError) as exc:
                 failures[pkey] = f"{type(exc).__name__}: {exc}"
                 context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {exc}")
+                if isinstance(exc, CacheWriteError):
+                    failures.update({k: "not attempted: the cache could not be written"
+                                     for k, _r, _h in requested[i:]})
+                    break
                 continue
             reports.append(report)
             freed = 0 if keep else retire_gribs(layout, report)
@@ -222,7 +310,9 @@ def build_tile_asset(model: Model) -> AssetsDefinition:
                 with np.load(shown.path) as z:
                     preview = preview_markdown(z["data"], f"{shown.variable} {shown.region} {shown.res:g} deg, "
                                                f"{run} f{hour:03d}", model.variables[shown.variable].units)
-            context.add_asset_metadata(tile_metadata(report, preview, freed), partition_key=pkey)
+            context.log_event(AssetMaterialization(asset_key=key, partition=pkey,
+                                                   metadata=tile_metadata(report, preview, freed)))
+            close_tickets(layout, model.name, run, hour, (REBUILD,))
             context.log.info(
                 f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {len(report.built)} tiles built, "
                 f"{len(report.unchanged)} unchanged" + (f", {freed / 1e6:.1f} MB of GRIB retired" if freed else "")
@@ -232,14 +322,8 @@ def build_tile_asset(model: Model) -> AssetsDefinition:
         for run, region, res, variable in sorted(touched):
             update_run_tile(layout, region, res, model.name, run, variable)
         if failures:
-            raise Failure(
-                description=f"{len(failures)} of {len(requested)} {model.name} hours failed: "
-                + "; ".join(f"{k}: {v}" for k, v in list(failures.items())[:5]),
-                metadata={"failed": MetadataValue.json(failures)},
-            )
-        ingested = {(rep.run, rep.hour): _ingested_md5(context, model, str(partition_key(rep.run, rep.hour)))
-                    for rep in reports}
+            raise _batch_failure(model, requested, failures, False, "BuildTile")
         context.log.info(f"{model.name}: run tiles current for {len(touched)} run/region/resolution/variable sets")
-        return MaterializeResult(check_results=evaluate_tile_checks(model, catalog, reports, ingested))
+        yield from evaluate_tile_checks(model, catalog, reports, ingested)
 
     return _tiles

@@ -39,7 +39,7 @@ from weather_pipeline.core.status import (
 )
 from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
 from weather_pipeline.orchestration.jobs import MODEL_TAG, RUN_TAG, TASK_TAG
-from weather_pipeline.orchestration.partitions import parse_partition_key, run_partitions
+from weather_pipeline.orchestration.partitions import parse_partition_key, partition_key, run_partitions
 from weather_pipeline.orchestration.resources import CacheResource
 from weather_pipeline.orchestration.schedules import disk_budget_bytes
 from weather_pipeline.orchestration.sensors import IN_FLIGHT, hours_in_range_tags
@@ -58,9 +58,10 @@ def _aware(ts: float | None) -> datetime | None:
     return None if ts is None else datetime.fromtimestamp(ts, timezone.utc)
 
 
-#: first error line by run id: a finished run's events never change, and the code server that
-#: evaluates the sensor outlives its ticks (on SQLite each lookup opens that run's own shard)
-_FAILURE_LINES: "OrderedDict[str, str | None]" = OrderedDict()
+#: (first error line, reason per partition key) by run id: a finished run's events never change,
+#: and the code server that evaluates the sensor outlives its ticks (on SQLite each lookup opens
+#: that run's own shard)
+_FAILURES: "OrderedDict[str, tuple[str | None, dict[str, str]]]" = OrderedDict()
 _FAILURE_MEMO_SIZE = 2000
 _MEMO_LOCK = threading.Lock()
 #: disk usage walks every cache file; rescan at most this often, and say when it was scanned
@@ -68,16 +69,20 @@ DISK_USAGE_TTL_S = float(os.environ.get("WEATHER_PIPELINE_DISK_SCAN_S", "300"))
 _DISK: dict[str, tuple[float, dict]] = {}
 
 
+def _failure(instance: DagsterInstance, run_id: str) -> tuple[str | None, dict[str, str]]:
+    with _MEMO_LOCK:
+        if run_id in _FAILURES:
+            return _FAILURES[run_id]
+    found = _read_failure(instance, run_id)
+    with _MEMO_LOCK:
+        _FAILURES[run_id] = found
+        while len(_FAILURES) > _FAILURE_MEMO_SIZE:
+            _FAILURES.popitem(last=False)
+    return found
+
+
 def _failure_line(instance: DagsterInstance, run_id: str) -> str | None:
-    with _MEMO_LOCK:
-        if run_id in _FAILURE_LINES:
-            return _FAILURE_LINES[run_id]
-    line = _read_failure_line(instance, run_id)
-    with _MEMO_LOCK:
-        _FAILURE_LINES[run_id] = line
-        while len(_FAILURE_LINES) > _FAILURE_MEMO_SIZE:
-            _FAILURE_LINES.popitem(last=False)
-    return line
+    return _failure(instance, run_id)[0]
 
 
 def cached_disk_usage(layout: CacheLayout) -> dict:
@@ -92,17 +97,20 @@ def cached_disk_usage(layout: CacheLayout) -> dict:
     return usage
 
 
-def _read_failure_line(instance: DagsterInstance, run_id: str) -> str | None:
+def _read_failure(instance: DagsterInstance, run_id: str) -> tuple[str | None, dict[str, str]]:
+    """The run's first error line, and the batch's reason per failed partition (its `failed`)."""
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1).records
     if records:
         data = records[0].event_log_entry.dagster_event.step_failure_data
         if data.user_failure_data and data.user_failure_data.description:
-            return data.user_failure_data.description
+            failed = data.user_failure_data.metadata.get("failed")
+            per_key = {str(k): str(v) for k, v in (failed.value if failed is not None else {}).items()}
+            return data.user_failure_data.description, per_key
         if data.error:
             cause = data.error.cause or data.error
-            return cause.message
+            return cause.message, {}
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_FAILURE, limit=1).records
-    return records[0].event_log_entry.message if records else None
+    return (records[0].event_log_entry.message if records else None), {}
 
 
 def queue_facts(instance: DagsterInstance, now: datetime) -> QueueFacts:
@@ -160,8 +168,8 @@ def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Cat
             target = failed.setdefault((run_tag, task or ""), {})
             todo = [h for h in hours if h not in target]  # records come newest first
             if todo:
-                line = _failure_line(instance, rec.dagster_run.run_id) or "run failed"
-                target.update({h: line for h in todo})
+                line, per_key = _failure(instance, rec.dagster_run.run_id)
+                target.update({h: per_key.get(str(partition_key(run_tag, h))) or line or "run failed" for h in todo})
         for run in runs:
             avail = availability.get(run)
             facts.append(ModelRunFacts(

@@ -87,10 +87,47 @@ def test_an_unpublished_hour_fails_the_batch_and_names_the_hour(mirror, tmp_path
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     description = failure.step_failure_data.user_failure_data.description
-    assert description.startswith("1 of 2 hrrr hours failed: 003|20260512_00: HourNotPublished")
+    assert description.startswith("1 of 2 hrrr hours failed (IngestGrib): 003|20260512_00: HourNotPublished")
     # Not transient: the step is not retried (its retry policy is for network trouble).
     assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert (tmp_path / "cache/gribs/hrrr" / HRRR_RUN / "t2m/grib_002.grib2").is_file()  # the good hour is kept
+    # ... and recorded as materialized with its metadata, so it is neither fetched again nor missing
+    keys = [str(partition_key(HRRR_RUN, h)) for h in (2, 3)]
+    status = instance.get_status_by_partition(AssetKey("hrrr_grib"), keys, model_partitions(load_catalog().model("hrrr")))
+    assert {k: v.value for k, v in status.items()} == {keys[0]: "MATERIALIZED", keys[1]: "FAILED"}
+    (rec,) = instance.fetch_materializations(AssetKey("hrrr_grib"), limit=10).records
+    assert rec.partition_key == keys[0] and set(rec.asset_materialization.metadata["md5"].value) >= {"t2m", "u10"}
+    assert failure.step_failure_data.user_failure_data.metadata["failed"].value == {
+        keys[1]: description.split(f"{keys[1]}: ", 1)[1]}
+
+
+def test_a_retried_batch_does_not_fetch_again_what_an_earlier_attempt_committed(mirror, tmp_path):
+    """Step retry after a transient failure: the hours that landed are skipped, the failed one fetched."""
+    from dagster import RetryPolicy
+
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    asset = build_grib_asset(load_catalog().model("hrrr"), retry_policy=RetryPolicy(max_retries=1, delay=0))
+    # hour 1's .idx fails more often than the client retries (2 attempts): one step failure
+    mirror.faults.add("*wrfsfcf01.grib2.idx", "status", code=503, times=2)
+    resources = resources_from_env({
+        "WEATHER_PIPELINE_SOURCES": "mirror", "WEATHER_PIPELINE_MIRROR_URL": mirror.url,
+        "WEATHER_PIPELINE_CACHE": str(tmp_path / "cache"), "WEATHER_PIPELINE_HTTP_ATTEMPTS": "2",
+        "WEATHER_PIPELINE_HTTP_BACKOFF_S": "0.01"})
+    result = materialize(
+        [asset], instance=instance, resources=resources, raise_on_error=False,
+        tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))},
+    )
+    assert result.success, [e.message for e in result.all_events if e.is_failure]
+    assert [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    # every hour materialized exactly once: the retry fetched only hour 1
+    recs = instance.fetch_materializations(AssetKey("hrrr_grib"), limit=10).records
+    assert sorted(r.partition_key for r in recs) == sorted(str(partition_key(HRRR_RUN, h)) for h in (0, 1, 2))
+    grib_gets = [r for r in mirror.request_log if r.path.endswith(".grib2") and r.method == "GET"]
+    per_hour = {h: sum(1 for r in grib_gets if f"wrfsfcf{h:02d}" in r.path) for h in (0, 1, 2)}
+    assert per_hour[0] == per_hour[2] > 0 and per_hour[1] == per_hour[0], per_hour
+    idx_gets = [r for r in mirror.request_log if r.path.endswith(".idx")]
+    assert sum(1 for r in idx_gets if "wrfsfcf00" in r.path) == 1  # hour 0 was not asked again
 
 
 def test_resources_come_from_the_environment():

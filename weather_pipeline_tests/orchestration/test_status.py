@@ -51,10 +51,11 @@ def world(mirror, tmp_path, monkeypatch, stack):
     instance = stack.enter_context(instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "home")))
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
     assets = [build_grib_asset(model), build_tile_asset(model)]
-    ok = materialize(assets, instance=instance, resources=resources,
-                     tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1)),
-                           "model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib"})
-    assert ok.success
+    for one, task in zip(assets, ("ingest_grib", "build_tile")):  # the ingest run, then the tile run
+        ok = materialize([one], instance=instance, resources=resources,
+                         tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1)),
+                               "model": "hrrr", "run": HRRR_RUN, "task": task})
+        assert ok.success
     bad = materialize([assets[0]], instance=instance, resources=resources, raise_on_error=False,
                       tags={"dagster/partition": str(partition_key(HRRR_RUN, 3)), "model": "hrrr", "run": HRRR_RUN,
                             "task": "ingest_grib"}, partition_key=str(partition_key(HRRR_RUN, 3)))
@@ -71,7 +72,7 @@ def test_statuses_from_real_run_storage(world):
     doc = deep_status(instance, layout)
     jsonschema.validate(doc, SCHEMA)
     q = doc["queue"]
-    assert (q["pending"], q["active"], q["failed_1h"]) == (1, 0, 1) and q["finished_1h"] == 2
+    assert (q["pending"], q["active"], q["failed_1h"]) == (1, 0, 1) and q["finished_1h"] == 3  # ingest, tiles, failed
     assert q["workers_configured"] == 4 and q["workers_online"] == 0  # no daemon in this test
     (entry,) = [e for e in doc["inventory"] if e["run"] == HRRR_RUN]
     assert entry["hours_have"] == 2 and entry["missing_hours"][:2] == [2, 3] and entry["hours_expected"] == 49
@@ -88,7 +89,8 @@ def test_reason_names_the_failure_when_nothing_is_queued(world):
     instance.delete_run("waiting-1")
     (entry,) = [e for e in deep_status(instance, layout)["inventory"] if e["run"] == HRRR_RUN]
     assert entry["status"] == "failed"
-    assert entry["reason"].startswith("GRIB download failed: 1 of 1 hrrr hours failed: 003|20260512_00: HourNotPublished")
+    # the hour's own reason from the batch's failure record, not the batch's summary line
+    assert entry["reason"].startswith("GRIB download failed: HourNotPublished: hrrr run 20260512_00 hour 3 is not published")
 
 
 def test_sensor_writes_the_document_atomically(world):

@@ -19,10 +19,20 @@ RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_p
 
 
 def _run(instance, assets, resources, run, first, last):
-    return materialize(
-        assets, instance=instance, resources=resources, raise_on_error=False,
-        tags={RANGE_START: str(partition_key(run, first)), RANGE_END: str(partition_key(run, last))},
-    )
+    """Materialize each asset in its own run, upstream first, as the ingest and tile jobs do.
+
+    (One run of both would skip the tiles: the GRIB asset records each hour itself and yields no
+    output for a downstream step to wait on; see orchestration/assets.py.)
+    """
+    result = None
+    for one in assets:
+        result = materialize(
+            [one], instance=instance, resources=resources, raise_on_error=False,
+            tags={RANGE_START: str(partition_key(run, first)), RANGE_END: str(partition_key(run, last))},
+        )
+        if not result.success:
+            return result
+    return result
 
 
 @pytest.fixture()
@@ -90,16 +100,39 @@ def test_unchanged_source_is_not_rebuilt_and_a_changed_one_is(env):
     assert m.metadata["status"].value.startswith("unchanged") and m.metadata["tiles_built"].value == 0
     assert tile.stat().st_mtime_ns == mtime
 
-    # A changed source (here: the 2 m temperature subset replaced by another hour's) is rebuilt.
-    layout.grib_path("gfs", GFS_RUN, "t2m", 1).write_bytes(layout.grib_path("gfs", GFS_RUN, "t2m", 0).read_bytes())
+    # A GRIB changed on disk behind the ingest's back (here: t2m replaced by another hour's) is
+    # never tiled: it goes to quarantine, the hour fails naming it, and a repair ticket asks for
+    # it to be fetched again. The tile built from the verified bytes stays.
+    grib_path = layout.grib_path("gfs", GFS_RUN, "t2m", 1)
+    grib_path.unlink()
+    grib_path.write_bytes(layout.grib_path("gfs", GFS_RUN, "t2m", 0).read_bytes())
     changed = _run(instance, [tile_asset], resources, GFS_RUN, 1, 1)
-    (m,) = changed.asset_materializations_for_node("gfs_tiles")
+    assert not changed.success
+    (failure,) = [e for e in changed.all_events if e.is_step_failure]
+    assert "is not the GRIB the ingest verified" in failure.step_failure_data.user_failure_data.description
+    assert not grib_path.exists() and layout.quarantine_path(grib_path).is_file()
+    assert tile.stat().st_mtime_ns == mtime
+    from weather_pipeline.core.repairs import open_tickets
+
+    (ticket,) = open_tickets(layout, "gfs")
+    assert (ticket.run, ticket.hour, ticket.kind) == (GFS_RUN, 1, "refetch")
+
+    # A source that really changed (a new ingest recorded a new md5) is rebuilt.
+    from dagster import AssetMaterialization
+    from weather_pipeline.core.cache import md5_file
+
+    grib_path.write_bytes(layout.grib_path("gfs", GFS_RUN, "t2m", 0).read_bytes())
+    latest = instance.fetch_materializations(AssetKey("gfs_grib"), limit=10).records
+    md5 = dict(next(r for r in latest if r.partition_key == str(partition_key(GFS_RUN, 1))).asset_materialization.metadata["md5"].value)
+    instance.report_runless_asset_event(AssetMaterialization(
+        asset_key="gfs_grib", partition=str(partition_key(GFS_RUN, 1)), metadata={"md5": {**md5, "t2m": md5_file(grib_path)}}))
+    rebuilt = _run(instance, [tile_asset], resources, GFS_RUN, 1, 1)
+    assert rebuilt.success
+    (m,) = rebuilt.asset_materializations_for_node("gfs_tiles")
     assert m.metadata["tiles_built"].value >= 1
     assert json.loads(sidecar_path(tile).read_text())["generated_at"] >= first
-    checks = {e.asset_check_key.name: e for e in changed.get_asset_check_evaluations()}
-    # The sidecar now disagrees with what the ingest recorded: the check says so.
-    assert not checks["sidecar_md5_matches_grib"].passed
-    assert "t2m" in json.dumps(checks["sidecar_md5_matches_grib"].metadata["failures"].value)
+    checks = {e.asset_check_key.name: e.passed for e in rebuilt.get_asset_check_evaluations()}
+    assert checks["sidecar_md5_matches_grib"]
 
 
 def test_gribs_are_retired_once_tiled_unless_kept(env):

@@ -19,6 +19,10 @@ class UsageError(Exception):
     """Bad input from the command line; printed as one line, exit status 2."""
 
 
+#: exit status when a source could not be reached (the answer would be incomplete)
+EXIT_UNREACHABLE = 3
+
+
 def _cmd_inventory(args: argparse.Namespace) -> int:
     from weather_pipeline.core.http import FetchError, HttpClient
     from weather_pipeline.core.idx import IdxError, parse_idx, search
@@ -123,12 +127,19 @@ def _cmd_gaps_plan(args: argparse.Namespace) -> int:
 
         parse_run_key(args.since)
     models = [load_catalog().model(args.model).name] if args.model else None
+    incomplete = None
     with _instance() as instance:
-        found = gaps.plan(instance, resources_from_env()["noaa"], models=models, since=args.since,
-                          progress=lambda m: print(m, file=sys.stderr))
+        try:
+            found = gaps.plan(instance, resources_from_env()["noaa"], models=models, since=args.since,
+                              progress=lambda m: print(m, file=sys.stderr))
+        except gaps.PlanIncomplete as exc:
+            found, incomplete = exc.gaps, exc
     for g in found:
         print(g.to_json())
     print(f"{len(found)} missing hours that the source has", file=sys.stderr)
+    if incomplete is not None:
+        print(f"weather-pipeline: error: {incomplete}", file=sys.stderr)
+        return EXIT_UNREACHABLE
     return 0
 
 

@@ -12,9 +12,16 @@ A Dagster sensor calls this every tick, so each check must be cheap and bounded:
 An hour counts only when its `.idx` exists as well as the GRIB file: NOAA (and our mirror
 generator) writes the `.idx` after the GRIB, so a GRIB alone may still be being written.
 
+A source that cannot be reached (connection refused, no DNS, connect timeout, its circuit
+open) is *unreachable*, never "has nothing": the next source is asked, and when none answers
+the result says `unreachable` and keeps no hours, so the stored record of what the source had
+is not overwritten. A source that asks us to wait (a long Retry-After) is treated the same way
+until the time it named.
+
 What was found is kept per model in `cache.source_availability_path(model)` (one JSON file,
-written atomically, runs past the model's retention pruned), which deep status reads to say
-"the source has 48 h, we have 40 h".  Pure core: no Dagster here.
+written atomically, runs past the model's retention pruned), with each source's reachability
+(`sources`: reachable or not, since when, the last error), which deep status reads to say
+"the source has 48 h, we have 40 h" or "aws unreachable since 12:03Z".  Pure core: no Dagster.
 """
 
 from __future__ import annotations
@@ -37,7 +44,7 @@ from weather_pipeline.core.catalog import (
     load_catalog,
     parse_run_key,
 )
-from weather_pipeline.core.http import FetchError, HttpClient, NotFound
+from weather_pipeline.core.http import FetchError, HttpClient, NotFound, RetryLater, Unreachable
 from weather_pipeline.core.sources import SourceChoice, SourceSettings, SourceUnavailable, candidate_sources
 
 log = logging.getLogger(__name__)
@@ -92,6 +99,8 @@ class RunAvailability:
     the run.  `truncated` means the check stopped before it could tell whether more hours
     exist (request budget spent, or a request failed); `error` says what failed, if anything.
     `requests` is what the check cost, every HTTP attempt (retries, redirects) included.
+    `unreachable` names the sources that could not be asked at all (refused, no DNS, timeout,
+    circuit open, a wait order); when every source is, `hours` is empty and means nothing.
     """
 
     model: str
@@ -103,6 +112,12 @@ class RunAvailability:
     requests: int = 0
     truncated: bool = False
     error: str | None = None
+    unreachable: tuple[str, ...] = ()
+
+    @property
+    def answered(self) -> bool:
+        """Some source answered (its hours mean something), or none was configured at all."""
+        return self.source is None or self.source not in self.unreachable
 
     @property
     def complete(self) -> bool:
@@ -128,6 +143,7 @@ class RunAvailability:
             "requests": self.requests,
             "truncated": self.truncated,
             "error": self.error,
+            "unreachable": list(self.unreachable),
         }
 
     @classmethod
@@ -145,6 +161,7 @@ class RunAvailability:
             requests=int(data.get("requests", 0)),
             truncated=bool(data.get("truncated", False)),
             error=None if data.get("error") is None else str(data["error"]),
+            unreachable=tuple(str(x) for x in data.get("unreachable", ())),
         )
 
 
@@ -217,7 +234,8 @@ def published_hours(
     requests_before = client.stats.requests
 
     def result(
-        source: str | None, hours: tuple[int, ...], truncated: bool, error: str | None
+        source: str | None, hours: tuple[int, ...], truncated: bool, error: str | None,
+        unreachable: tuple[str, ...] = (),
     ) -> RunAvailability:
         return RunAvailability(
             model=m.name,
@@ -229,6 +247,7 @@ def published_hours(
             requests=client.stats.requests - requests_before,
             truncated=truncated,
             error=error,
+            unreachable=unreachable,
         )
 
     try:
@@ -244,16 +263,23 @@ def published_hours(
         if budget.left == 0:
             sources_left_unasked = True
             break
-        if catalog.source(choice.source).listing == "s3":
-            found = _check_by_listing(client, m, run_time, choice, expected, budget, page_size, known_hours)
-        else:
-            found = _check_by_probing(client, m, run_time, choice, expected, budget, known_hours)
+        try:
+            if catalog.source(choice.source).listing == "s3":
+                found = _check_by_listing(client, m, run_time, choice, expected, budget, page_size, known_hours)
+            else:
+                found = _check_by_probing(client, m, run_time, choice, expected, budget, known_hours)
+        except (Unreachable, RetryLater) as exc:
+            log.warning("%s %s: %s is unreachable: %s", m.name, run, choice.source, exc.reason)
+            found = _SourceResult(choice.source, (), truncated=True, error=exc.reason, unreachable=True)
         checked.append(found)
         if found.hours:
             break
     errors = "; ".join(f"{r.source}: {r.error}" for r in checked if r.error) or None
-    chosen = checked[-1]  # never empty: there is a source, and a budget for its first request
-    return result(chosen.source, chosen.hours, chosen.truncated or sources_left_unasked, errors)
+    unreachable = tuple(r.source for r in checked if r.unreachable)
+    answered = [r for r in checked if not r.unreachable]
+    # the last source that answered, else the last one asked (unreachable: its hours mean nothing)
+    chosen = answered[-1] if answered else checked[-1]
+    return result(chosen.source, chosen.hours, chosen.truncated or sources_left_unasked, errors, unreachable)
 
 
 def format_checked_at(moment: datetime) -> str:
@@ -280,6 +306,7 @@ class _SourceResult:
     hours: tuple[int, ...]
     truncated: bool = False
     error: str | None = None
+    unreachable: bool = False
 
 
 def _check_by_listing(
@@ -319,6 +346,11 @@ def _check_by_listing(
         except ValueError as exc:
             truncated, error = True, f"{url}: not an S3 listing ({exc})"
             break
+        except (Unreachable, RetryLater):
+            if first:
+                raise  # the source could not be asked at all
+            truncated, error = True, "the source stopped answering mid-listing"
+            break
         except FetchError as exc:
             truncated, error = True, str(exc)
             break
@@ -349,13 +381,19 @@ def _check_by_probing(
     while start < len(expected) and expected[start] in known_hours:
         start += 1
     found = list(expected[:start])
+    answered = False
     for hour in expected[start:]:
         if not budget.take():
             return _SourceResult(choice.source, tuple(found), truncated=True)
         try:
             present = client.exists(choice.url(model, run_time, hour) + ".idx")
+        except (Unreachable, RetryLater):
+            if not answered:
+                raise  # the source could not be asked at all
+            return _SourceResult(choice.source, tuple(found), truncated=True, error="the source stopped answering")
         except FetchError as exc:
             return _SourceResult(choice.source, tuple(found), truncated=True, error=str(exc))
+        answered = True
         if not present:
             break  # hours are published in order: nothing later exists yet
         found.append(hour)
@@ -382,6 +420,41 @@ def _local(tag: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class SourceHealth:
+    """Whether a source answered ScanSource lately; `since` is when that last changed."""
+
+    source: str
+    reachable: bool
+    checked_at: str
+    since: str
+    error: str | None = None
+    last_reachable_at: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"reachable": self.reachable, "checked_at": self.checked_at, "since": self.since,
+                "error": self.error, "last_reachable_at": self.last_reachable_at}
+
+    @classmethod
+    def from_json(cls, source: str, data: Mapping[str, Any]) -> "SourceHealth":
+        return cls(source, bool(data["reachable"]), str(data["checked_at"]), str(data.get("since") or data["checked_at"]),
+                   data.get("error"), data.get("last_reachable_at"))
+
+
+def _read_doc(cache: CacheLayout, name: str) -> dict[str, Any] | None:
+    path = cache.source_availability_path(name)
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError("not a JSON object")
+        return doc
+    except FileNotFoundError:
+        return None
+    except (ValueError, OSError) as exc:
+        log.warning("ignoring unreadable source availability file %s: %r", path, exc)
+        return None
+
+
 def load_availability(cache: CacheLayout, model: Model | str) -> dict[str, RunAvailability]:
     """What the last scans saw of each run of a model, by run key, newest first.
 
@@ -389,16 +462,48 @@ def load_availability(cache: CacheLayout, model: Model | str) -> dict[str, RunAv
     rewrites it), so that status readers and the sensor never fail on it.
     """
     name = model if isinstance(model, str) else model.name
-    path = cache.source_availability_path(name)
-    try:
-        doc = json.loads(path.read_text())
-        runs = {run: RunAvailability.from_json(entry) for run, entry in doc["runs"].items()}
-    except FileNotFoundError:
+    doc = _read_doc(cache, name)
+    if doc is None:
         return {}
+    try:
+        runs = {run: RunAvailability.from_json(entry) for run, entry in doc["runs"].items()}
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
-        log.warning("ignoring unreadable source availability file %s: %r", path, exc)
+        log.warning("ignoring unreadable source availability of %s: %r", name, exc)
         return {}
     return dict(sorted(runs.items(), reverse=True))
+
+
+def load_source_health(cache: CacheLayout, model: Model | str) -> dict[str, SourceHealth]:
+    """Each source's reachability as ScanSource last saw it, for one model."""
+    name = model if isinstance(model, str) else model.name
+    doc = _read_doc(cache, name) or {}
+    out = {}
+    for source, entry in (doc.get("sources") or {}).items():
+        try:
+            out[source] = SourceHealth.from_json(source, entry)
+        except (KeyError, TypeError, ValueError):
+            continue
+    return out
+
+
+def source_health_after(old: Mapping[str, SourceHealth], items: Iterable[RunAvailability],
+                        now: datetime) -> dict[str, SourceHealth]:
+    """Each source's reachability after a scan: unreachable if any check this scan could not
+    reach it, reachable if one got an answer from it; unchanged if it was not asked."""
+    stamp = format_checked_at(now)
+    seen: dict[str, tuple[bool, str | None]] = {}
+    for item in items:
+        for source in item.unreachable:
+            seen[source] = (False, item.error)
+        if item.source is not None and item.answered:
+            seen.setdefault(item.source, (True, None))
+    out = dict(old)
+    for source, (reachable, error) in seen.items():
+        before = old.get(source)
+        since = before.since if before is not None and before.reachable == reachable else stamp
+        last_ok = stamp if reachable else (before.last_reachable_at if before else None)
+        out[source] = SourceHealth(source, reachable, stamp, since, None if reachable else error, last_ok)
+    return out
 
 
 def save_availability(
@@ -412,9 +517,10 @@ def save_availability(
 
     A result replaces what is stored for its run, except that an older check never replaces
     a newer one, and a failed check (`error` set) that saw fewer hours never replaces a
-    better one: a source outage must not erase what an earlier tick learned.  Runs not
-    younger than the model's `retention_hours` (at `now`) are dropped.  Each file is written
-    atomically; one writer per model (the sensor) is assumed.
+    better one: a source outage must not erase what an earlier tick learned (an unreachable
+    source's empty answer never replaces anything).  Each source's reachability is updated
+    (`sources`).  Runs not younger than the model's `retention_hours` (at `now`) are dropped.
+    Each file is written atomically; one writer per model (the sensor) is assumed.
     """
     catalog = catalog or load_catalog()
     now = _aware_utc(now or datetime.now(timezone.utc))
@@ -432,11 +538,13 @@ def save_availability(
                 merged[new.run] = new
         cutoff = now - timedelta(hours=model.retention_hours)
         kept = {run: a for run, a in sorted(merged.items(), reverse=True) if parse_run_key(run) > cutoff}
+        health = source_health_after(load_source_health(cache, name), items, now)
         doc = {
             "format": AVAILABILITY_FORMAT,
             "model": name,
             "updated_at": format_checked_at(now),
             "retention_hours": model.retention_hours,
+            "sources": {source: h.as_json() for source, h in sorted(health.items())},
             "runs": {run: a.as_json() for run, a in kept.items()},
         }
         atomic_write_text(cache.source_availability_path(name), json.dumps(doc, indent=1) + "\n")
@@ -448,6 +556,8 @@ def _replaces(new: RunAvailability, old: RunAvailability) -> bool:
     # checked_at strings share one fixed format, so they compare in time order.
     if new.checked_at < old.checked_at:
         return False
+    if not new.answered:
+        return False  # no source could be asked: what we knew still stands
     if new.error and len(new.hours) < len(old.hours):
         return False
     return True

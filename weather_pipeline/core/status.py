@@ -11,7 +11,11 @@ Definitions:
 - `failure_rate_1h` = runs failed / runs finished in the last hour;
 - a model run is `complete` when every expected hour has its GRIB and its tiles; `in_progress`
   when work on it is queued or running; `failed` when its missing hours last failed; `partial`
-  when some hours are in; `missing` when none are.
+  when some hours are in; `missing` when none are;
+- a source is `reachable` when ScanSource's last request to it got an answer (any HTTP status);
+  an unreachable one (refused, no DNS, timeout, circuit open) raises `source_unreachable`;
+- `repairs` are the forecast hours whose cached files were found damaged (quarantined, being
+  fetched or rebuilt again): `cache_damaged` names their files.
 """
 
 from __future__ import annotations
@@ -25,6 +29,34 @@ from weather_pipeline.core.catalog import format_hours
 SCHEMA_VERSION = 1
 #: the daemon writes a heartbeat every 30 s; past this it is considered gone
 HEARTBEAT_STALE_S = 120.0
+#: free space on the cache's file system below which ingest and tiles will soon fail
+DEFAULT_MIN_FREE_BYTES = 2 * 10**9
+
+
+@dataclass(frozen=True)
+class SourceFacts:
+    """A source's reachability for one model, as ScanSource last saw it (core.scan.SourceHealth)."""
+
+    model: str
+    source: str
+    reachable: bool
+    checked_at: str
+    since: str
+    error: str | None = None
+    last_reachable_at: str | None = None
+
+
+@dataclass(frozen=True)
+class RepairFacts:
+    """An open repair ticket (core.repairs.RepairTicket)."""
+
+    model: str
+    run: str
+    hour: int
+    kind: str
+    problem: str
+    files: tuple[str, ...] = ()
+    opened_at: str = ""
 
 
 @dataclass(frozen=True)
@@ -52,6 +84,8 @@ class ModelRunFacts:
     in_flight_hours: frozenset[int] = frozenset()
     failed: Mapping[int, str] = field(default_factory=dict)  # hour -> first line of the last failure
     tile_failed: Mapping[int, str] = field(default_factory=dict)
+    unreachable: str | None = None  # every source of the model is unreachable: why
+    damaged_hours: frozenset[int] = frozenset()  # hours with an open repair ticket
 
 
 @dataclass(frozen=True)
@@ -83,6 +117,10 @@ class StatusInputs:
     disk_budget_bytes: int | None
     policies: Sequence[ModelPolicy]
     dagster_url: str | None = None
+    sources: Sequence[SourceFacts] = ()
+    repairs: Sequence[RepairFacts] = ()
+    disk_free_bytes: int | None = None
+    min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
 
 
 def iso(t: datetime | None) -> str | None:
@@ -140,6 +178,8 @@ def inventory_entry(f: ModelRunFacts) -> dict[str, Any]:
         reason = f"GRIB download failed: {f.failed[failed_missing[0]]}"
     elif any(h in f.tile_failed for h in tiles_missing):
         reason = f"tile build failed: {f.tile_failed[next(h for h in tiles_missing if h in f.tile_failed)]}"
+    elif missing and f.unreachable and not (f.in_flight_hours & set(missing)):
+        reason = f"source unreachable: {f.unreachable}"
     elif missing and published is not None and not (set(missing) & published):
         reason = "not yet published"
     elif missing and f.in_flight_hours & set(missing):
@@ -150,6 +190,9 @@ def inventory_entry(f: ModelRunFacts) -> dict[str, Any]:
         reason = "source not checked yet"
     elif tiles_missing:
         reason = "tile build queued or running" if f.in_flight_hours & set(tiles_missing) else "tile not built yet"
+    damaged = sorted(f.damaged_hours & expected)
+    if damaged and reason is None:
+        reason = f"damaged in the cache, being repaired: hour(s) {format_hours(tuple(damaged))}"
     return {
         "model": f.model,
         "run": f.run,
@@ -162,6 +205,7 @@ def inventory_entry(f: ModelRunFacts) -> dict[str, Any]:
         "reason": reason,
         "tiles_missing_hours": tiles_missing,
         "tiles_have": len(tiles),
+        "damaged_hours": damaged,
     }
 
 
@@ -214,6 +258,30 @@ def _alerts(inputs: StatusInputs, queue: dict, inventory: list[dict]) -> list[di
             age = "none within retention" if newest is None else f"newest is {iso(newest)}"
             add("warning", "stale_data",
                 f"{policy.name}: no complete run in the last {allowed.total_seconds() / 3600:.0f} h ({age})")
+    by_model: dict[str, list[SourceFacts]] = {}
+    for src in inputs.sources:
+        by_model.setdefault(src.model, []).append(src)
+    for model, sources in sorted(by_model.items()):
+        down = [s for s in sources if not s.reachable]
+        if not down:
+            continue
+        level = "critical" if len(down) == len(sources) else "warning"
+        add(level, "source_unreachable",
+            f"{model}: " + "; ".join(f"{s.source} unreachable since {s.since}"
+                                     + (f" ({_clip(s.error, 160)})" if s.error else "") for s in down)
+            + ("; no source left: nothing can be fetched" if level == "critical" else "; using the others"))
+    if inputs.repairs:
+        files = [f for r in inputs.repairs for f in r.files[:1]]
+        add("warning", "cache_damaged",
+            f"{len(inputs.repairs)} damaged hour(s) quarantined and being repaired: "
+            + "; ".join(f"{r.model} {r.run} f{r.hour:03d} ({r.kind})" for r in inputs.repairs[:5])
+            + (f"; files: {', '.join(files[:5])}" if files else ""))
+    free = inputs.disk_free_bytes
+    if free is not None and free < 2 * inputs.min_free_bytes:
+        level = "critical" if free < inputs.min_free_bytes else "warning"
+        add(level, "disk_low",
+            f"{free / 1e9:.2f} GB free on the cache's file system (alert below {2 * inputs.min_free_bytes / 1e9:.2f} GB, "
+            f"critical below {inputs.min_free_bytes / 1e9:.2f} GB): ingest and tiles fail when it is full")
     budget = inputs.disk_budget_bytes
     total = int(inputs.disk_usage.get("total_bytes", 0))
     if budget and total > 0.9 * budget:
@@ -258,6 +326,7 @@ def compute_deep_status(inputs: StatusInputs) -> dict[str, Any]:
         "cache_oldest": _iso_text(usage.get("cache_oldest")),
         "cache_newest": _iso_text(usage.get("cache_newest")),
         "disk_scanned_at": _iso_text(usage.get("scanned_at")),
+        "disk_free_bytes": inputs.disk_free_bytes,
     }
     alerts = _alerts(inputs, queue, inventory)
     return {
@@ -269,6 +338,16 @@ def compute_deep_status(inputs: StatusInputs) -> dict[str, Any]:
         "inventory": inventory,
         "jobs": [job_entry(j, inputs.now) for j in inputs.jobs],
         "resources": resources,
+        "sources": [
+            {"model": src.model, "source": src.source, "reachable": src.reachable, "since": src.since,
+             "checked_at": src.checked_at, "error": src.error, "last_reachable_at": src.last_reachable_at}
+            for src in sorted(inputs.sources, key=lambda x: (x.model, x.source))
+        ],
+        "repairs": [
+            {"model": r.model, "run": r.run, "hour": r.hour, "kind": r.kind, "problem": r.problem,
+             "files": list(r.files), "opened_at": r.opened_at}
+            for r in inputs.repairs
+        ],
         "alerts": alerts,
     }
 
@@ -291,6 +370,9 @@ def summary_text(doc: Mapping[str, Any]) -> str:
         why = f" ({e['reason']})" if e["reason"] else ""
         lines.append(f"  {e['model']:5} {e['run']}  {e['status']:11} have {e['hours_have']}/{e['hours_expected']} "
                      f"source {src}{miss}{tiles}{why}")
+    for src in doc.get("sources", []):
+        if not src["reachable"]:
+            lines.append(f"source: {src['model']} {src['source']} UNREACHABLE since {src['since']}: {src['error']}")
     r = doc["resources"]
     lines.append(f"disk: {r['disk_total_bytes'] / 1e9:.2f} GB"
                  + (f" of {r['disk_budget_bytes'] / 1e9:.2f} GB budget" if r["disk_budget_bytes"] else "")

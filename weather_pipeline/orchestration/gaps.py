@@ -6,6 +6,11 @@
   batches each contiguous range of hours into one run (single-run backfill policy), exactly as
   ScanSource does, and the tiles follow through their sensor;
 - verify: every manifest entry is materialized now, or it is listed and the exit status is 1.
+
+An hour already queued or running (a run of the model run, or a backfill in progress) is not
+planned again. A source that cannot be reached is not "nothing to fill": plan stops asking it
+(its circuit breaker answers at once) and raises PlanIncomplete naming it, with the gaps that
+the reachable sources showed.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Iterable, Sequence
 
-from dagster import AssetKey, DagsterInstance
+from dagster import AssetKey, DagsterInstance, RunsFilter
 
 from weather_pipeline.core.catalog import Catalog, Model, format_run_key, load_catalog, parse_run_key
 from weather_pipeline.core.scan import published_hours
@@ -24,7 +29,17 @@ from weather_pipeline.orchestration.assets import grib_asset_name
 from weather_pipeline.orchestration.jobs import MODEL_TAG, PRIORITY_TAG, RUN_TAG, TASK_TAG
 from weather_pipeline.orchestration.partitions import partition_key, run_partitions
 from weather_pipeline.orchestration.resources import NoaaSourceResource
-from weather_pipeline.orchestration.sensors import GAP_FILL_PRIORITY
+from weather_pipeline.orchestration.sensors import GAP_FILL_PRIORITY, IN_FLIGHT, hours_in_range_tags
+
+
+class PlanIncomplete(Exception):
+    """Some sources could not be reached: the plan lists only what the others showed."""
+
+    def __init__(self, gaps: list["Gap"], unreachable: dict[str, str]):
+        hosts = "; ".join(f"{where}: {why}" for where, why in sorted(unreachable.items()))
+        super().__init__(f"source unreachable, plan incomplete: {hosts}")
+        self.gaps = gaps
+        self.unreachable = unreachable
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,23 @@ def materialized_keys(instance: DagsterInstance, model: Model) -> set[str]:
     return set(instance.get_materialized_partitions(AssetKey(grib_asset_name(model.name))))
 
 
+def pending_keys(instance: DagsterInstance, model: Model) -> set[str]:
+    """GRIB partitions of the model that queued or running work will materialize."""
+    keys: set[str] = set()
+    for run in instance.get_runs(RunsFilter(statuses=IN_FLIGHT, tags={MODEL_TAG: model.name, TASK_TAG: "ingest_grib"})):
+        if RUN_TAG in run.tags:
+            keys |= {str(partition_key(run.tags[RUN_TAG], h)) for h in hours_in_range_tags(run.tags, model)}
+    from dagster._core.execution.backfill import BulkActionStatus
+
+    asset_key = AssetKey(grib_asset_name(model.name))
+    for backfill in instance.get_backfills(status=BulkActionStatus.REQUESTED):
+        data = backfill.asset_backfill_data
+        if data is None or asset_key not in data.target_subset.asset_keys:
+            continue
+        keys |= {str(k) for k in data.get_target_partitions_subset(asset_key).get_partition_keys()}
+    return keys
+
+
 def plan(
     instance: DagsterInstance,
     noaa: NoaaSourceResource,
@@ -72,17 +104,25 @@ def plan(
     catalog = catalog or load_catalog()
     now = now or datetime.now(timezone.utc)
     gaps: list[Gap] = []
+    unreachable: dict[str, str] = {}
     settings = noaa.source_settings()
     with noaa.client() as client:
         for name in models or list(catalog.models):
             model = catalog.model(name)
             start = parse_run_key(since) if since else now - timedelta(hours=model.retention_hours)
-            done = materialized_keys(instance, model)
+            done = materialized_keys(instance, model) | pending_keys(instance, model)
             for run in runs_between(model, start, now):
                 avail = published_hours(model, run, client, settings, now=now, max_requests=60, catalog=catalog)
+                if not avail.answered:
+                    for source in avail.unreachable:
+                        unreachable.setdefault(f"{model.name} on {source}", avail.error or "unreachable")
+                    progress(f"{model.name} {run}: SOURCE UNREACHABLE ({avail.error})")
+                    continue
                 missing = [h for h in avail.hours if str(partition_key(run, h)) not in done]
                 progress(f"{model.name} {run}: source has {len(avail.hours)} h, missing {len(missing)}")
                 gaps += [Gap(model.name, run, h, avail.source) for h in missing]
+    if unreachable:
+        raise PlanIncomplete(gaps, unreachable)
     return gaps
 
 

@@ -28,6 +28,7 @@ from dagster import (
 )
 
 from weather_pipeline.core.catalog import Model, parse_run_key
+from weather_pipeline.core.repairs import REBUILD, REFETCH, open_tickets
 from weather_pipeline.core.scan import candidate_runs, contiguous_batches, published_hours, save_availability
 from weather_pipeline.orchestration.assets import grib_asset_name
 from weather_pipeline.orchestration.jobs import (
@@ -136,7 +137,12 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         now = utcnow()
         instance = context.instance
         cursor = json.loads(context.cursor) if context.cursor else {}
-        complete: set[str] = set(cursor.get("complete", []))
+        # Hours found damaged in the cache are fetched again even though Dagster has them.
+        refetch: dict[str, set[int]] = {}
+        for ticket in open_tickets(cache.layout(), model.name):
+            if ticket.kind == REFETCH:
+                refetch.setdefault(ticket.run, set()).add(ticket.hour)
+        complete: set[str] = set(cursor.get("complete", [])) - set(refetch)
         known = set(instance.get_dynamic_partitions(run_partitions(model.name).name))
         runs = [r for r in candidate_runs(model, now) if r not in complete]
         budget = scan_request_budget()
@@ -153,13 +159,19 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         if availability:
             save_availability(cache.layout(), availability, now=now)
 
-        new_runs, requests = [], []
+        new_runs, requests, unreachable = [], [], set()
         for avail in availability:
+            if not avail.answered:
+                # No source could be asked: it is down, not empty. What we knew still stands
+                # (save_availability keeps it); nothing is requested until it answers again.
+                unreachable.update(avail.unreachable)
+                continue
             if not avail.hours:
                 continue
             if avail.run not in known:
                 new_runs.append(avail.run)
             have = materialized_hours(instance, model, avail.run, grib_key) if avail.run in known else set()
+            have -= refetch.get(avail.run, set())
             todo = sorted(set(avail.hours) - have - in_flight_hours(instance, model, avail.run, "ingest_grib"))
             for batch in contiguous_batches(todo, model):
                 attempt = failed_attempts(instance, model, avail.run, batch)
@@ -177,9 +189,15 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         new_cursor = json.dumps({"complete": sorted(complete & lookback)})
         dynamic = [run_partitions(model.name).build_add_request(sorted(new_runs))] if new_runs else []
         if not requests and not dynamic:
+            down = ""
+            if unreachable:
+                errors = {a.error for a in availability if not a.answered and a.error}
+                down = (f"; SOURCE UNREACHABLE: {', '.join(sorted(unreachable))} ({'; '.join(sorted(errors))[:300]}), "
+                        "last known availability kept")
             return SensorResult(skip_reason=SkipReason(
                 f"checked {len(availability)} runs; nothing new "
-                f"({', '.join(f'{a.run}: {len(a.hours)}/{len(a.expected)} h' for a in availability) or 'no runs'})"
+                f"({', '.join(f'{a.run}: {len(a.hours)}/{len(a.expected)} h' if a.answered else f'{a.run}: unreachable' for a in availability) or 'no runs'})"
+                + down
             ), cursor=new_cursor)
         return SensorResult(run_requests=requests, dynamic_partitions_requests=dynamic, cursor=new_cursor)
 
@@ -194,21 +212,23 @@ def build_tiles_follow_gribs_sensor(model: Model, tile_job) -> SensorDefinition:
         target=tile_job,
         minimum_interval_seconds=5,
         default_status=DefaultSensorStatus.RUNNING,
-        description=f"Requests {tile_job.name} for every batch of newly materialized {model.name} GRIB hours.",
+        description=(f"Requests {tile_job.name} for every batch of newly materialized {model.name} GRIB hours, "
+                     "and for hours whose damaged tiles must be rebuilt (repair tickets)."),
     )
-    def _follow(context: SensorEvaluationContext):
+    def _follow(context: SensorEvaluationContext, cache: CacheResource):
         after = int(context.cursor or 0)
         records = context.instance.fetch_materializations(
             AssetRecordsFilter(asset_key=grib_key, after_storage_id=after), limit=1000, ascending=True
         ).records
-        if not records:
-            return SkipReason("no new GRIB materializations")
+        rebuild = [t for t in open_tickets(cache.layout(), model.name) if t.kind == REBUILD]
+        if not records and not rebuild:
+            return SkipReason("no new GRIB materializations, no tiles to rebuild")
         now = utcnow()
         by_run: dict[str, set[int]] = {}
         for rec in records:
             run, hour = parse_partition_key(rec.partition_key)
             by_run.setdefault(run, set()).add(hour)
-        last_id = max(rec.storage_id for rec in records)
+        last_id = max((rec.storage_id for rec in records), default=after)
         requests = [
             RunRequest(
                 run_key=f"tiles:{model.name}:{run}:{batch[0]:03d}-{batch[-1]:03d}:{last_id}",
@@ -217,6 +237,11 @@ def build_tiles_follow_gribs_sensor(model: Model, tile_job) -> SensorDefinition:
             for run, hours in sorted(by_run.items(), reverse=True)
             for batch in contiguous_batches(sorted(hours), model)
         ]
+        for ticket in rebuild:  # the run key makes one request per ticket, however many ticks see it
+            requests.append(RunRequest(
+                run_key=f"rebuild:{model.name}:{ticket.run}:{ticket.hour:03d}:{ticket.opened_at}",
+                tags=batch_tags(model, ticket.run, [ticket.hour], "build_tile", run_priority(ticket.run, now)),
+            ))
         return SensorResult(run_requests=requests, cursor=str(last_id))
 
     return _follow

@@ -25,15 +25,19 @@ from dagster import (
     sensor,
 )
 
-from weather_pipeline.core.cache import CacheLayout, atomic_write_text
+from weather_pipeline.core.cache import CacheLayout, CacheWriteError, atomic_write_text
 from weather_pipeline.core.catalog import Catalog, InvalidRequest, load_catalog, parse_run_key
 from weather_pipeline.core.prune import disk_usage
-from weather_pipeline.core.scan import load_availability
+from weather_pipeline.core.repairs import open_tickets
+from weather_pipeline.core.scan import load_availability, load_source_health
 from weather_pipeline.core.status import (
+    DEFAULT_MIN_FREE_BYTES,
     JobFacts,
     ModelPolicy,
     ModelRunFacts,
     QueueFacts,
+    RepairFacts,
+    SourceFacts,
     StatusInputs,
     compute_deep_status,
 )
@@ -151,6 +155,13 @@ def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Cat
                 if run in by_run:
                     by_run[run][kind].add(hour)
         availability = load_availability(layout, model)
+        health = load_source_health(layout, model)
+        down = [h for h in health.values() if not h.reachable]
+        unreachable = ("; ".join(f"{h.source}: {h.error or 'no answer'}" for h in down)
+                       if health and len(down) == len(health) else None)
+        damaged: dict[str, set[int]] = {}
+        for ticket in open_tickets(layout, model.name):
+            damaged.setdefault(ticket.run, set()).add(ticket.hour)
         in_flight: dict[str, set[int]] = {}
         for r in instance.get_runs(RunsFilter(statuses=IN_FLIGHT, tags={MODEL_TAG: model.name})):
             in_flight.setdefault(r.tags.get(RUN_TAG, ""), set()).update(hours_in_range_tags(r.tags, model))
@@ -183,6 +194,8 @@ def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Cat
                 in_flight_hours=frozenset(in_flight.get(run, set())),
                 failed=failed.get((run, "ingest_grib"), {}),
                 tile_failed=failed.get((run, "build_tile"), {}),
+                unreachable=unreachable,
+                damaged_hours=frozenset(damaged.get(run, set())),
             ))
     return facts
 
@@ -217,6 +230,10 @@ def gather(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | No
     for m in catalog.models.values():
         spacing = min(b - a for a, b in zip(m.run_hours, m.run_hours[1:] + (m.run_hours[0] + 24,)))
         policies.append(ModelPolicy(m.name, spacing, m.publish_window_hours))
+    sources = [SourceFacts(m.name, h.source, h.reachable, h.checked_at, h.since, h.error, h.last_reachable_at)
+               for m in catalog.models.values() for h in load_source_health(layout, m).values()]
+    repairs = [RepairFacts(t.model, t.run, t.hour, t.kind, t.problem, tuple(t.files), t.opened_at)
+               for t in open_tickets(layout)]
     return StatusInputs(
         now=now,
         queue=queue_facts(instance, now),
@@ -226,6 +243,10 @@ def gather(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | No
         disk_budget_bytes=disk_budget_bytes(),
         policies=policies,
         dagster_url=dagster_url(),
+        sources=sources,
+        repairs=repairs,
+        disk_free_bytes=layout.free_bytes(),
+        min_free_bytes=int(float(os.environ.get("WEATHER_PIPELINE_MIN_FREE_GB", DEFAULT_MIN_FREE_BYTES / 1e9)) * 1e9),
     )
 
 
@@ -234,6 +255,7 @@ def deep_status(instance: DagsterInstance, layout: CacheLayout, *, now: datetime
 
 
 def write_deep_status(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | None = None) -> dict:
+    """Compute the document and write it atomically to deep.json (CacheWriteError if it cannot)."""
     doc = deep_status(instance, layout, now=now)
     atomic_write_text(layout.deep_status_path, json.dumps(doc, indent=1))
     return doc
@@ -250,7 +272,11 @@ def status_interval_s() -> int:
     description="Writes cache/status/deep.json (queue health, per-run completeness and reasons, disk, alerts).",
 )
 def deep_status_sensor(context: SensorEvaluationContext, cache: CacheResource):
-    doc = write_deep_status(context.instance, cache.layout())
+    try:
+        doc = write_deep_status(context.instance, cache.layout())
+    except CacheWriteError as exc:
+        # A full disk must not kill the writer: the next tick tries again, the page shows its age.
+        return SkipReason(f"deep status not written: {exc}")
     return SkipReason(
         f"wrote {cache.layout().deep_status_path}: {doc['health']}, {len(doc['inventory'])} runs, "
         f"{len(doc['alerts'])} alerts"

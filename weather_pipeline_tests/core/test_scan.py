@@ -466,3 +466,49 @@ def test_contiguous_batches_gfs_across_the_three_hourly_step() -> None:
     assert contiguous_batches((123, 120), GFS) == [[120, 123]]
     with pytest.raises(InvalidRequest, match="121"):
         contiguous_batches([120, 121], GFS)
+
+
+# ------------------------------------------------------------------------------------------
+# Unreachable sources: never "nothing published"
+# ------------------------------------------------------------------------------------------
+
+
+def _dead_url() -> str:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}"
+
+
+@pytest.fixture()
+def fresh_breakers():
+    from weather_pipeline.core.http import reset_server_states
+
+    reset_server_states()
+    yield
+    reset_server_states()
+
+
+def test_an_unreachable_source_is_not_an_empty_one(fresh_breakers, tmp_path) -> None:
+    catalog = _catalog_with(dead=({"title": "refuses connections", "listing": "s3"}, f"{_dead_url()}/{HRRR_BUCKET}"))
+    got = published_hours("hrrr", HRRR_RUN, _client(), SourceSettings(order=("dead",)), now=NOW, catalog=catalog)
+    assert not got.answered and got.unreachable == ("dead",) and got.hours == ()
+    assert "connection refused" in (got.error or "")
+    # The stored record of what the source had is kept; the source is recorded as unreachable.
+    layout = CacheLayout(tmp_path)
+    good = RunAvailability("hrrr", HRRR_RUN, "dead", (0, 1, 2), HRRR.hours_for_run(HRRR_RUN), "2026-05-12T03:00:00Z")
+    save_availability(layout, [good], now=NOW, catalog=catalog)
+    save_availability(layout, [got], now=NOW, catalog=catalog)
+    assert load_availability(layout, "hrrr")[HRRR_RUN].hours == (0, 1, 2)
+    from weather_pipeline.core.scan import load_source_health
+
+    health = load_source_health(layout, "hrrr")["dead"]
+    assert not health.reachable and "connection refused" in health.error and health.last_reachable_at == "2026-05-12T03:30:00Z"
+
+
+def test_an_unreachable_source_fails_over_to_the_next(fresh_breakers, mirror) -> None:
+    catalog = _catalog_with(dead=({"title": "refuses connections", "listing": "s3"}, f"{_dead_url()}/{HRRR_BUCKET}"))
+    got = published_hours("hrrr", HRRR_RUN, _client(), _mirror_settings(mirror, "dead", "mirror"), now=NOW, catalog=catalog)
+    assert got.answered and got.source == "mirror" and got.hours == HRRR_HOURS and got.unreachable == ("dead",)

@@ -39,7 +39,7 @@ def test_complete_run_and_healthy_queue():
     assert doc["health"] == "healthy" and doc["alerts"] == []
     assert doc["inventory"][0] == {"model": "hrrr", "run": "20261122_15", "status": "complete", "hours_expected": 19,
                                    "expected_hours": list(range(19)), "hours_have": 19, "missing_hours": [], "source_hours": 19, "reason": None,
-                                   "tiles_missing_hours": [], "tiles_have": 19}
+                                   "tiles_missing_hours": [], "tiles_have": 19, "damaged_hours": []}
     assert doc["queue"]["workers_online"] == doc["queue"]["workers_configured"] == 4
     assert doc["resources"]["cache_oldest"] == "2026-11-22T15:10:00Z"
 
@@ -87,3 +87,41 @@ def test_job_entries_and_summary():
     assert (j["hours"], j["duration_s"], j["error"], j["priority"], j["task"]) == ("000-003", 60.0, "1 of 4 hrrr hours failed", 98, "ingest_grib")
     text = summary_text(doc)
     assert "health: HEALTHY" in text and "workers 4/4" in text and "hrrr  20261122_15  complete" in text
+
+
+def test_an_unreachable_source_raises_an_alert_and_explains_missing_hours():
+    from dataclasses import replace
+
+    from weather_pipeline.core.status import SourceFacts
+
+    down = SourceFacts("hrrr", "aws", False, "2026-11-22T16:59:00Z", "2026-11-22T16:40:00Z",
+                       "cannot connect: connection refused", "2026-11-22T16:39:00Z")
+    run = facts(grib_hours=frozenset(range(10)), tile_hours=frozenset(range(10)), source_hours=tuple(range(10)),
+                unreachable="aws: cannot connect: connection refused")
+    base = inputs([run])
+    doc = compute_deep_status(replace(base, sources=[down]))
+    alert = next(a for a in doc["alerts"] if a["code"] == "source_unreachable")
+    assert alert["level"] == "critical" and "aws unreachable since 2026-11-22T16:40:00Z" in alert["message"]
+    assert doc["health"] == "unhealthy"
+    assert doc["inventory"][0]["reason"] == "source unreachable: aws: cannot connect: connection refused"
+    assert doc["sources"][0]["reachable"] is False
+    # With another source still answering it is a warning: work goes on.
+    up = SourceFacts("hrrr", "nomads", True, "2026-11-22T16:59:00Z", "2026-11-22T10:00:00Z")
+    doc = compute_deep_status(replace(base, sources=[down, up]))
+    assert next(a for a in doc["alerts"] if a["code"] == "source_unreachable")["level"] == "warning"
+    assert "source: hrrr aws UNREACHABLE" in summary_text(doc)
+
+
+def test_damaged_hours_and_a_nearly_full_disk_raise_alerts():
+    from dataclasses import replace
+
+    from weather_pipeline.core.status import RepairFacts
+
+    ticket = RepairFacts("hrrr", "20261122_15", 4, "refetch", "md5 changed", ("/c/gribs/hrrr/20261122_15/t2m/grib_004.grib2",))
+    doc = compute_deep_status(replace(inputs([facts()]), repairs=[ticket], disk_free_bytes=10**9, min_free_bytes=2 * 10**9))
+    codes = {a["code"]: a for a in doc["alerts"]}
+    assert "grib_004.grib2" in codes["cache_damaged"]["message"] and codes["cache_damaged"]["level"] == "warning"
+    assert codes["disk_low"]["level"] == "critical" and doc["resources"]["disk_free_bytes"] == 10**9
+    assert doc["inventory"][0]["damaged_hours"] == [] and doc["repairs"][0]["hour"] == 4
+    run = facts(damaged_hours=frozenset({4}))
+    assert inventory_entry(run)["reason"] == "damaged in the cache, being repaired: hour(s) 4"

@@ -88,3 +88,40 @@ def test_cli_verify_exit_status_and_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("DAGSTER_HOME")
     assert main(["gaps", "verify", str(manifest)]) == 2
     assert "DAGSTER_HOME is not set" in capsys.readouterr().err
+
+
+def test_plan_against_a_dead_source_fails_fast_naming_it(env, tmp_path, capsys, monkeypatch):
+    import socket
+    import time
+
+    from weather_pipeline.core.http import reset_server_states
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    reset_server_states()
+    monkeypatch.setenv("DAGSTER_HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    monkeypatch.setenv("WEATHER_PIPELINE_SOURCES", "mirror")
+    monkeypatch.setenv("WEATHER_PIPELINE_MIRROR_URL", dead)
+    t0 = time.monotonic()
+    code = main(["gaps", "plan", "--model", "hrrr"])  # every run within retention: 48 listings
+    elapsed = time.monotonic() - t0
+    err = capsys.readouterr().err
+    reset_server_states()
+    assert code == 3 and elapsed < 60, (code, elapsed)
+    line = next(x for x in err.splitlines() if x.startswith("weather-pipeline: error:"))
+    assert "source unreachable, plan incomplete: hrrr on mirror" in line
+    assert dead.split("//")[1] in line and "connection refused" in line
+    assert "source has 0 h" not in err
+
+
+def test_plan_does_not_list_hours_already_queued(env):
+    from dagster import DagsterRun, DagsterRunStatus
+
+    instance, resources = env
+    instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id="queued-1", status=DagsterRunStatus.NOT_STARTED,
+                                tags={"model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib",
+                                      "dagster/partition": str(partition_key(HRRR_RUN, 2))}))
+    found = gaps.plan(instance, resources["noaa"], models=["hrrr"], since="20260511_23", now=NOW)
+    assert [(g.run, g.hour) for g in found] == [(HRRR_RUN, 0)]

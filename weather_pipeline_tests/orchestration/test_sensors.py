@@ -95,3 +95,31 @@ def test_tiles_follow_new_grib_materializations_in_batches(setup):
     assert req.tags["task"] == "build_tile" and req.tags[RANGE_END] == str(partition_key(HRRR_RUN, 2))
     again = _tick(follow, instance, resources, cursor=result.cursor)
     assert "no new GRIB" in again.skip_message
+
+
+def test_an_unreachable_source_is_recorded_as_such_and_what_was_known_is_kept(setup, tmp_path):
+    """A dead source: the tick says so, keeps the last known availability, requests nothing."""
+    import socket
+
+    from weather_pipeline.core.http import reset_server_states
+    from weather_pipeline.core.scan import load_source_health
+
+    model, resources, scan, instance, layout = setup
+    assert _tick(scan, instance, resources).run_requests  # the mirror answers: hours 0-2 known
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}"
+    reset_server_states()
+    down = resources_from_env({"WEATHER_PIPELINE_SOURCES": "mirror", "WEATHER_PIPELINE_MIRROR_URL": dead,
+                               "WEATHER_PIPELINE_CACHE": str(layout.root), "WEATHER_PIPELINE_HTTP_BACKOFF_S": "0.01"})
+    import time
+
+    t0 = time.monotonic()
+    result = _tick(scan, instance, down)
+    assert time.monotonic() - t0 < 30
+    assert not result.run_requests
+    assert "SOURCE UNREACHABLE: mirror" in result.skip_reason.skip_message
+    assert "connection refused" in result.skip_reason.skip_message
+    assert load_availability(layout, "hrrr")[HRRR_RUN].hours == (0, 1, 2)
+    assert not load_source_health(layout, "hrrr")["mirror"].reachable
+    reset_server_states()

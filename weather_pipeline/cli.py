@@ -108,13 +108,31 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     return 0
 
 
+def find_dagster_home(environ=None, cwd: Path | None = None) -> tuple[Path, str]:
+    """The instance directory, as make finds it: $DAGSTER_HOME, else ./.dagster_home if it exists."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("DAGSTER_HOME"):
+        return Path(environ["DAGSTER_HOME"]), "from $DAGSTER_HOME"
+    local = (cwd or Path.cwd()) / ".dagster_home"
+    if local.is_dir():
+        return local, "the project's ./.dagster_home ($DAGSTER_HOME is not set)"
+    raise UsageError("no Dagster instance: DAGSTER_HOME is not set and there is no ./.dagster_home here "
+                     "(run `make demo` first, or point DAGSTER_HOME at your instance)")
+
+
 def _instance():
     import os
 
+    home, how = find_dagster_home()
+    if not home.is_dir():
+        raise UsageError(f"DAGSTER_HOME={home} is not a directory")
+    print(f"instance: {home} ({how})", file=sys.stderr)
+    os.environ["DAGSTER_HOME"] = str(home.absolute())
+
     from dagster import DagsterInstance
 
-    if not os.environ.get("DAGSTER_HOME"):
-        raise UsageError("DAGSTER_HOME is not set: point it at the Dagster instance (make sets ./.dagster_home)")
     return DagsterInstance.get()
 
 

@@ -63,3 +63,22 @@ def test_inventory_of_a_non_idx_file_is_an_error(tmp_path, capsys):
     bad.write_text("<html>Not Found</html>")
     assert main(["inventory", str(bad)]) == 2
     assert "not a wgrib2 inventory line" in capsys.readouterr().err
+
+
+def test_the_instance_is_found_as_make_finds_it(tmp_path, monkeypatch, capsys):
+    from weather_pipeline.cli import UsageError, find_dagster_home
+
+    (tmp_path / ".dagster_home").mkdir()
+    assert find_dagster_home({}, tmp_path) == (tmp_path / ".dagster_home", find_dagster_home({}, tmp_path)[1])
+    assert "./.dagster_home" in find_dagster_home({}, tmp_path)[1]
+    assert find_dagster_home({"DAGSTER_HOME": "/x"}, tmp_path)[0].as_posix() == "/x"
+    with pytest.raises(UsageError, match="no Dagster instance"):
+        find_dagster_home({}, tmp_path / "elsewhere")
+    # the status command says which one it used
+    monkeypatch.setenv("DAGSTER_HOME", "recorded, so that teardown removes what the command sets")
+    monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WEATHER_PIPELINE_CACHE", str(tmp_path / "cache"))
+    code = main(["status", "--json"])
+    err = capsys.readouterr().err
+    assert code in (0, 1, 2) and f"instance: {tmp_path / '.dagster_home'} (the project's ./.dagster_home" in err

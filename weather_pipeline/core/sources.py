@@ -95,3 +95,9 @@ def rate_limits(settings: SourceSettings, catalog: Catalog | None = None, extra:
                     limits[host] = min(rpm, limits.get(host, rpm))
     limits.update(extra or {})
     return limits
+
+
+def redirect_hosts(settings: SourceSettings, catalog: Catalog | None = None) -> frozenset[str]:
+    """Hosts the configured sources' redirects may lead to (the catalog's `redirect_hosts`)."""
+    catalog = catalog or load_catalog()
+    return frozenset(h for name in settings.order for h in catalog.source(name).redirect_hosts)

@@ -70,6 +70,11 @@ class JobFacts:
     ended_at: datetime | None = None
     error: str | None = None  # first line of the failure
     worker: str | None = None
+    # what the run works on when its tags do not say (a `dagster asset materialize` or UI run)
+    task: str | None = None
+    model: str | None = None
+    run: str | None = None
+    retried_as: str | None = None  # the re-execution of this run, if one was launched
 
 
 @dataclass(frozen=True)
@@ -216,9 +221,9 @@ def job_entry(j: JobFacts, now: datetime) -> dict[str, Any]:
     return {
         "run_id": j.run_id,
         "job": j.job,
-        "task": j.tags.get("task"),
-        "model": j.tags.get("model"),
-        "run": j.tags.get("run"),
+        "task": j.tags.get("task") or j.task,
+        "model": j.tags.get("model") or j.model,
+        "run": j.tags.get("run") or j.run,
         "hours": _hours_label(j.tags),
         "status": j.status,
         "created_at": iso(j.created_at),
@@ -228,6 +233,7 @@ def job_entry(j: JobFacts, now: datetime) -> dict[str, Any]:
         "worker": j.worker,
         "error": _first_line(j.error),
         "priority": int(prio) if prio and prio.lstrip("-").isdigit() else None,
+        "retried_as": j.retried_as,
     }
 
 

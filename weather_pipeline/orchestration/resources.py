@@ -9,6 +9,8 @@
 | WEATHER_PIPELINE_RATE_LIMIT_DB | $TMPDIR/...   | the machine-wide rate-limit bucket         |
 | WEATHER_PIPELINE_HTTP_ATTEMPTS | 5             | HTTP attempts per request (with backoff)   |
 | WEATHER_PIPELINE_HTTP_BACKOFF_S| 1.0           | first backoff wait, doubled per attempt    |
+| WEATHER_PIPELINE_BREAKER_FAILURES | 3          | unreachable attempts that open a circuit   |
+| WEATHER_PIPELINE_BREAKER_COOLDOWN_S | 60       | how long an open circuit answers at once   |
 | WEATHER_PIPELINE_TILE_METHOD   | bilinear      | regridding method (bilinear or nearest)    |
 | WEATHER_PIPELINE_KEEP_GRIBS    | (catalog)     | "all", or models whose GRIBs to keep       |
 """
@@ -23,7 +25,7 @@ from dagster import ConfigurableResource
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import CatalogError, Model
 from weather_pipeline.core.http import HttpClient, HttpConfig, RetryPolicy
-from weather_pipeline.core.sources import SourceSettings, rate_limits
+from weather_pipeline.core.sources import SourceSettings, rate_limits, redirect_hosts
 
 
 class CacheResource(ConfigurableResource):
@@ -47,6 +49,8 @@ class NoaaSourceResource(ConfigurableResource):
     extra_rate_limits: str = ""
     rate_limit_db: str = ""
     allow_full_download: bool = True
+    breaker_failures: int = 3
+    breaker_cooldown_s: float = 60.0
 
     def source_settings(self) -> SourceSettings:
         return SourceSettings.parse(self.sources, self.mirror_url or None)
@@ -60,6 +64,9 @@ class NoaaSourceResource(ConfigurableResource):
             retry=RetryPolicy(max_attempts=self.max_attempts, initial_wait=self.initial_backoff),
             rate_limits=rate_limits(settings, extra=parse_rate_limits(self.extra_rate_limits)),
             rate_limit_db=Path(self.rate_limit_db) if self.rate_limit_db else base.rate_limit_db,
+            breaker_failures=self.breaker_failures,
+            breaker_cooldown_s=self.breaker_cooldown_s,
+            redirect_hosts=redirect_hosts(settings),
         )
 
     def client(self) -> HttpClient:
@@ -99,6 +106,8 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Configura
             rate_limit_db=env.get("WEATHER_PIPELINE_RATE_LIMIT_DB", ""),
             max_attempts=int(env.get("WEATHER_PIPELINE_HTTP_ATTEMPTS", "5")),
             initial_backoff=float(env.get("WEATHER_PIPELINE_HTTP_BACKOFF_S", "1.0")),
+            breaker_failures=int(env.get("WEATHER_PIPELINE_BREAKER_FAILURES", "3")),
+            breaker_cooldown_s=float(env.get("WEATHER_PIPELINE_BREAKER_COOLDOWN_S", "60")),
         ),
         "tiling": TileSettings(
             method=env.get("WEATHER_PIPELINE_TILE_METHOD", "bilinear"),

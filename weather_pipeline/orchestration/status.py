@@ -200,14 +200,39 @@ def model_run_facts(instance: DagsterInstance, layout: CacheLayout, catalog: Cat
     return facts
 
 
+#: asset name suffix -> task, for runs whose tags do not name their task (CLI or UI runs)
+_TASK_BY_SUFFIX = {"_grib": "ingest_grib", "_tiles": "build_tile"}
+
+
+def _what_it_works_on(run) -> tuple[str | None, str | None, str | None]:
+    """(task, model, run key) of a Dagster run from its asset selection and partition tags."""
+    task = model = None
+    for key in sorted(run.asset_selection or []):
+        name = key.path[-1]
+        for suffix, kind in _TASK_BY_SUFFIX.items():
+            if name.endswith(suffix):
+                task, model = kind, name[: -len(suffix)]
+    part = run.tags.get("dagster/asset_partition_range_start") or run.tags.get("dagster/partition")
+    run_key = None
+    if part:
+        try:
+            run_key = parse_partition_key(part)[0]
+        except InvalidRequest:
+            run_key = None
+    return task, model, run_key
+
+
 def job_facts(instance: DagsterInstance, limit: int = RECENT_JOBS) -> list[JobFacts]:
     worker = f"{socket.gethostname()} (local run launcher)"
     records = {r.dagster_run.run_id: r for r in instance.get_run_records(RunsFilter(statuses=IN_FLIGHT), limit=limit)}
     for r in instance.get_run_records(limit=limit):
         records.setdefault(r.dagster_run.run_id, r)
+    children = {r.dagster_run.parent_run_id: r.dagster_run.run_id for r in records.values()
+                if r.dagster_run.parent_run_id}
     out = []
     for rec in sorted(records.values(), key=lambda r: r.create_timestamp, reverse=True)[:limit]:
         run = rec.dagster_run
+        task, model, run_key = _what_it_works_on(run)
         out.append(JobFacts(
             run_id=run.run_id,
             job=run.job_name,
@@ -218,6 +243,10 @@ def job_facts(instance: DagsterInstance, limit: int = RECENT_JOBS) -> list[JobFa
             ended_at=_aware(rec.end_time),
             error=_failure_line(instance, run.run_id) if run.status == DagsterRunStatus.FAILURE else None,
             worker=worker if rec.start_time else None,
+            task=task,
+            model=model,
+            run=run_key,
+            retried_as=children.get(run.run_id),
         ))
     return out
 

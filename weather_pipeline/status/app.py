@@ -26,9 +26,18 @@ can be restarted at will. Routes:
 ``POST /api/runs/{run_id}/retry``
     Re-executes a finished, failed (or canceled) Dagster run, all steps, through Dagster's
     GraphQL API (:func:`reexecute_run`). 202 ``{"run_id", "new_run_id", "url"}``; otherwise a
-    JSON ``{"error": ...}`` naming the problem: 400 bad run id, 403 cross-origin request, 404 run
-    not found, 409 run not in a retryable state, 502 Dagster unreachable or the mutation failed,
-    503 no Dagster URL configured, 504 Dagster did not answer in time.
+    JSON ``{"error": ...}`` naming the problem: 400 bad run id, 403 cross-site request, 404 run
+    not found, 409 run not in a retryable state or already retried (``retried_as`` names the
+    re-execution: a run is retried once, however many times Retry is clicked), 502 Dagster
+    unreachable or the mutation failed, 503 no Dagster URL configured, 504 Dagster did not
+    answer in time.
+
+What protects Retry, and what does not: the server binds loopback by default; Retry is a POST
+that must carry the ``X-Weather-Pipeline: retry`` header (a cross-site form cannot set it, and
+a cross-site script would need a CORS preflight this server never grants), an ``Origin`` (when
+sent) naming this server, and no ``Sec-Fetch-Site`` other than same-origin. There is no
+authentication: anyone who can reach the port can read the status and retry failed runs. Put
+it behind your reverse proxy's authentication before binding anything but loopback.
 
 :func:`serve` runs the app with uvicorn (``weather-pipeline serve-status``);
 :class:`StatusServer` runs it in a background thread on a free port (tests, embedding).
@@ -67,6 +76,19 @@ PAGE_PATH = Path(__file__).with_name("page.html")
 _RUN_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 #: finished runs that Retry may re-execute (the page offers it on FAILURE rows)
 RETRYABLE_STATUSES = frozenset({"FAILURE", "CANCELED"})
+#: the header a Retry request must carry (CSRF protection: cross-site forms cannot set it)
+RETRY_HEADER, RETRY_HEADER_VALUE = "X-Weather-Pipeline", "retry"
+
+#: re-executions already launched for a run (Dagster tags them with dagster/parent_run_id)
+CHILDREN_QUERY = """
+query WeatherStatusRunChildren($runId: String!) {
+  runsOrError(filter: {tags: [{key: "dagster/parent_run_id", value: $runId}]}, limit: 5) {
+    __typename
+    ... on Runs { results { runId status } }
+    ... on PythonError { message }
+  }
+}
+""".strip()
 
 #: looks the run up first, so "not found" and "still running" get their own answers
 RUN_QUERY = """
@@ -173,6 +195,14 @@ class RetryError(Exception):
         self.message = message
 
 
+class AlreadyRetried(RetryError):
+    """The run was re-executed already (``retried_as``); a second click launches nothing."""
+
+    def __init__(self, run_id: str, retried_as: str) -> None:
+        super().__init__(409, f"run {run_id} was already retried as {retried_as}")
+        self.retried_as = retried_as
+
+
 def _graphql(url: str, query: str, variables: dict[str, Any], timeout: float) -> dict[str, Any]:
     body = json.dumps({"query": query, "variables": variables}).encode()
     request = urllib.request.Request(
@@ -229,6 +259,10 @@ def reexecute_run(graphql_url: str, run_id: str, *, timeout: float = DEFAULT_GRA
     status = found.get("status")
     if status not in RETRYABLE_STATUSES:
         raise RetryError(409, f"run {run_id} is {status}; only failed or canceled runs are retried")
+    children = _graphql(graphql_url, CHILDREN_QUERY, {"runId": run_id}, timeout).get("runsOrError") or {}
+    earlier = [r.get("runId") for r in children.get("results") or [] if r.get("runId")]
+    if earlier:
+        raise AlreadyRetried(run_id, str(earlier[0]))
 
     result = _graphql(graphql_url, REEXECUTE_MUTATION, {"parentRunId": run_id}, timeout)
     launched = result.get("launchPipelineReexecution") or {}
@@ -347,6 +381,10 @@ def create_app(
     async def root(request: Request) -> Response:
         return RedirectResponse("/status", status_code=307)
 
+    #: run id -> the re-execution launched from here: a double click never reaches Dagster twice
+    launched: dict[str, str] = {}
+    launch_lock = threading.Lock()
+
     async def retry(request: Request) -> Response:
         run_id = request.path_params["run_id"]
         if not _RUN_ID_RE.fullmatch(run_id):
@@ -354,6 +392,12 @@ def create_app(
         origin = request.headers.get("origin")
         if origin and urlsplit(origin).netloc != request.headers.get("host"):
             return error(403, f"cross-origin retry from {origin[:200]} refused", run_id=run_id)
+        site = request.headers.get("sec-fetch-site")
+        if site and site not in ("same-origin", "none"):
+            return error(403, f"cross-site retry refused (Sec-Fetch-Site: {site[:40]})", run_id=run_id)
+        if request.headers.get(RETRY_HEADER.lower()) != RETRY_HEADER_VALUE:
+            return error(403, f"retry refused: the request lacks the {RETRY_HEADER}: {RETRY_HEADER_VALUE} header "
+                              "(cross-site request protection)", run_id=run_id)
         base = configured_dagster
         if base is None and graphql_url is None:
             try:
@@ -364,8 +408,19 @@ def create_app(
         if endpoint is None:
             return error(503, "no Dagster URL configured (pass dagster_url, or the document must carry one)",
                          run_id=run_id)
+        def launch_once() -> str:
+            with launch_lock:  # concurrent clicks wait here, then find the first one's run
+                if run_id in launched:
+                    raise AlreadyRetried(run_id, launched[run_id])
+                new = reexecute_run(endpoint, run_id, timeout=graphql_timeout_s)
+                launched[run_id] = new
+                return new
+
         try:
-            new_id = await run_in_threadpool(reexecute_run, endpoint, run_id, timeout=graphql_timeout_s)
+            new_id = await run_in_threadpool(launch_once)
+        except AlreadyRetried as exc:
+            return error(409, exc.message, run_id=run_id, retried_as=exc.retried_as,
+                         url=f"{base}/runs/{quote(exc.retried_as)}" if base else None)
         except RetryError as exc:
             return error(exc.status, exc.message, run_id=run_id, graphql_url=endpoint)
         url = f"{base}/runs/{quote(new_id)}" if base else None

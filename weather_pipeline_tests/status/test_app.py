@@ -66,6 +66,10 @@ def call(url: str, method: str = "GET", headers: dict[str, str] | None = None) -
         return exc.code, dict(exc.headers), exc.read()
 
 
+#: what the status page's Retry button sends
+PAGE_HEADERS = {"X-Weather-Pipeline": "retry", "Sec-Fetch-Site": "same-origin"}
+
+
 def call_json(url: str, method: str = "GET", headers: dict[str, str] | None = None) -> tuple[int, Any]:
     status, hdrs, body = call(url, method, headers)
     assert hdrs.get("content-type", "").startswith("application/json"), (status, hdrs, body[:200])
@@ -97,6 +101,7 @@ class FakeDagster:
         self.run_status: str | None = "FAILURE"
         self.launch: dict[str, Any] = {"__typename": "LaunchRunSuccess", "run": {"runId": NEW_RUN, "status": "QUEUED"}}
         self.respond: Callable[[dict[str, Any]], tuple[int, Any]] | None = None
+        self.children: list[dict[str, Any]] = []  # re-executions Dagster already has for the run
         self.delay_s = 0.0
         fake = self
 
@@ -135,6 +140,8 @@ class FakeDagster:
             else:
                 found = {"__typename": "Run", "runId": run_id, "status": self.run_status, "jobName": "hrrr_ingest_grib"}
             return 200, {"data": {"runOrError": found}}
+        if "runsOrError" in query:
+            return 200, {"data": {"runsOrError": {"__typename": "Runs", "results": self.children}}}
         if "launchPipelineReexecution" in query:
             # like dagster-webserver: a resolver that caught an exception makes it an HTTP 500
             status = 500 if self.launch.get("__typename") == "PythonError" else 200
@@ -320,11 +327,12 @@ def test_status_page_is_one_self_contained_html_document(status_file: Path) -> N
 
 def test_retry_reexecutes_the_failed_run_through_graphql(status_file: Path, fake_dagster: FakeDagster) -> None:
     with served(status_file, dagster_url="http://dagster.test:3000", graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 202
     assert body == {"run_id": FAILED_RUN, "new_run_id": NEW_RUN, "url": f"http://dagster.test:3000/runs/{NEW_RUN}"}
-    lookup, mutation = fake_dagster.requests
+    lookup, children, mutation = fake_dagster.requests
     assert lookup["path"] == "/graphql" and lookup["variables"] == {"runId": FAILED_RUN}
+    assert "dagster/parent_run_id" in children["query"] and children["variables"] == {"runId": FAILED_RUN}
     assert mutation["path"] == "/graphql" and mutation["content_type"] == "application/json"
     assert mutation["variables"] == {"parentRunId": FAILED_RUN}
     query = " ".join(mutation["query"].split())
@@ -337,7 +345,7 @@ def test_retry_mutation_error_is_a_502_naming_it(status_file: Path, fake_dagster
     fake_dagster.launch = {"__typename": "PythonError", "className": "DagsterUserCodeUnreachableError",
                            "message": "Could not reach user code server: gRPC UNAVAILABLE"}
     with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 502
     assert "PythonError" in body["error"] and "Could not reach user code server" in body["error"]
     assert FAILED_RUN in body["error"] and body["run_id"] == FAILED_RUN
@@ -348,14 +356,14 @@ def test_retry_graphql_request_errors_are_a_502(status_file: Path, fake_dagster:
     invalid = {"data": None, "errors": [{"message": 'Cannot query field "runOrError" on type "Query".'}]}
     fake_dagster.respond = lambda body: (400, invalid)  # what dagster-webserver answers to an invalid query
     with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 502 and "Cannot query field" in body["error"]
 
 
 def test_retry_of_an_unknown_run_is_a_404(status_file: Path, fake_dagster: FakeDagster) -> None:
     fake_dagster.run_status = None
     with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 404 and "no run" in body["error"] and FAILED_RUN in body["error"]
     assert fake_dagster.mutations == []
 
@@ -363,7 +371,7 @@ def test_retry_of_an_unknown_run_is_a_404(status_file: Path, fake_dagster: FakeD
 def test_retry_of_a_run_that_did_not_fail_is_a_409(status_file: Path, fake_dagster: FakeDagster) -> None:
     fake_dagster.run_status = "STARTED"
     with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 409 and "STARTED" in body["error"]
     assert fake_dagster.mutations == []
 
@@ -371,7 +379,7 @@ def test_retry_of_a_run_that_did_not_fail_is_a_409(status_file: Path, fake_dagst
 def test_retry_when_dagster_is_unreachable_is_a_502(status_file: Path) -> None:
     graphql = f"http://127.0.0.1:{free_port()}/graphql"
     with served(status_file, graphql_url=graphql) as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 502
     assert "unreachable" in body["error"] and graphql in body["error"]
 
@@ -379,35 +387,68 @@ def test_retry_when_dagster_is_unreachable_is_a_502(status_file: Path) -> None:
 def test_retry_when_dagster_is_too_slow_is_a_504(status_file: Path, fake_dagster: FakeDagster) -> None:
     fake_dagster.delay_s = 2.0
     with served(status_file, graphql_url=fake_dagster.url + "/graphql", graphql_timeout_s=0.5) as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 504 and "did not answer within 0.5 s" in body["error"]
 
 
 def test_retry_graphql_url_defaults_to_the_dagster_url(tmp_path: Path, fake_dagster: FakeDagster) -> None:
     # from the server's dagster_url ...
     with served(write(tmp_path / "a.json", example()), dagster_url=fake_dagster.url) as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 202 and body["url"] == f"{fake_dagster.url}/runs/{NEW_RUN}"
     # ... else from the document's
     with served(write(tmp_path / "b.json", example(dagster_url=fake_dagster.url + "/"))) as url:
-        assert call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")[0] == 202
-    assert [r["path"] for r in fake_dagster.requests] == ["/graphql"] * 4
+        assert call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)[0] == 202
+    assert [r["path"] for r in fake_dagster.requests] == ["/graphql"] * 6
     # ... and without either there is nothing to call
     with served(write(tmp_path / "c.json", example(dagster_url=None))) as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 503 and "no Dagster URL" in body["error"]
 
 
 def test_retry_refuses_cross_origin_requests_and_bad_ids(status_file: Path, fake_dagster: FakeDagster) -> None:
     with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", {"Origin": "http://evil.example"})
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", {**PAGE_HEADERS, "Origin": "http://evil.example"})
         assert status == 403 and "cross-origin" in body["error"]
-        assert call_json(f"{url}/api/runs/not%20an%20id;drop/retry", "POST")[0] == 400
+        assert call_json(f"{url}/api/runs/not%20an%20id;drop/retry", "POST", PAGE_HEADERS)[0] == 400
         assert call(f"{url}/api/runs/{FAILED_RUN}/retry")[0] == 405  # GET does not retry
         # the page's own (same-origin) request goes through
-        same = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", {"Origin": url})
+        same = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", {**PAGE_HEADERS, "Origin": url})
         assert same[0] == 202
     assert len(fake_dagster.mutations) == 1
+
+
+def test_retry_without_the_page_header_or_from_another_site_is_refused(status_file: Path, fake_dagster: FakeDagster) -> None:
+    with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")  # a cross-site form post
+        assert status == 403 and "X-Weather-Pipeline" in body["error"]
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", {**PAGE_HEADERS, "Sec-Fetch-Site": "cross-site"})
+        assert status == 403 and "cross-site" in body["error"]
+    assert fake_dagster.requests == []
+
+
+def test_three_clicks_launch_one_retry(status_file: Path, fake_dagster: FakeDagster) -> None:
+    fake_dagster.delay_s = 0.2
+    with served(status_file, dagster_url="http://dagster.test:3000", graphql_url=fake_dagster.url + "/graphql") as url:
+        results: list = []
+        threads = [threading.Thread(target=lambda: results.append(
+            call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS))) for _ in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+    assert sorted(status for status, _ in results) == [202, 409, 409]
+    assert len(fake_dagster.mutations) == 1
+    for status, body in results:
+        if status == 409:
+            assert body["retried_as"] == NEW_RUN and "already retried" in body["error"]
+
+
+def test_a_run_dagster_already_retried_is_not_retried_again(status_file: Path, fake_dagster: FakeDagster) -> None:
+    fake_dagster.children = [{"runId": "earlier-retry", "status": "SUCCESS"}]
+    with served(status_file, graphql_url=fake_dagster.url + "/graphql") as url:
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
+    assert status == 409 and body["retried_as"] == "earlier-retry" and fake_dagster.mutations == []
 
 
 def test_graphql_documents_are_valid_against_the_installed_dagster_schema() -> None:
@@ -415,7 +456,7 @@ def test_graphql_documents_are_valid_against_the_installed_dagster_schema() -> N
     from graphql import parse, validate
 
     schema = create_schema().graphql_schema
-    for document in (status_app.RUN_QUERY, status_app.REEXECUTE_MUTATION):
+    for document in (status_app.RUN_QUERY, status_app.CHILDREN_QUERY, status_app.REEXECUTE_MUTATION):
         assert validate(schema, parse(document)) == [], document
     params = schema.get_type("ReexecutionParams").fields
     assert {"parentRunId", "strategy"} <= set(params)
@@ -425,7 +466,7 @@ def test_graphql_documents_are_valid_against_the_installed_dagster_schema() -> N
 def test_retry_when_the_url_is_not_a_graphql_endpoint_is_a_502(status_file: Path, fake_dagster: FakeDagster) -> None:
     fake_dagster.respond = lambda body: (404, "<html>Not Found</html>")
     with served(status_file, graphql_url=fake_dagster.url + "/nope") as url:
-        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST")
+        status, body = call_json(f"{url}/api/runs/{FAILED_RUN}/retry", "POST", PAGE_HEADERS)
     assert status == 502 and "answered HTTP 404" in body["error"] and "/nope" in body["error"]
 
 
@@ -483,15 +524,20 @@ def test_retry_reexecutes_a_failed_run_on_a_real_dagster_webserver(tmp_path: Pat
         assert client.get_run_status(parent) == DagsterRunStatus.FAILURE
 
         with served(status_file, dagster_url=dagster_url) as url:
-            status, body = call_json(f"{url}/api/runs/{parent}/retry", "POST")
+            status, body = call_json(f"{url}/api/runs/{parent}/retry", "POST", PAGE_HEADERS)
             assert status == 202, body
             child = body["new_run_id"]
             assert child != parent and body["url"] == f"{dagster_url}/runs/{child}"
             # the re-execution has only just been launched: it is not retried again
-            status, body = call_json(f"{url}/api/runs/{child}/retry", "POST")
+            status, body = call_json(f"{url}/api/runs/{child}/retry", "POST", PAGE_HEADERS)
             assert status == 409, body
-            assert call_json(f"{url}/api/runs/00000000-0000-4000-8000-000000000000/retry", "POST")[0] == 404
+            assert call_json(f"{url}/api/runs/00000000-0000-4000-8000-000000000000/retry", "POST",
+                             PAGE_HEADERS)[0] == 404
         assert wait_for(lambda: client.get_run_status(child) in finished, timeout=90, interval=0.3)
+        # Dagster itself now knows the parent was retried: a fresh status server refuses a second one
+        with served(status_file, dagster_url=dagster_url) as url:
+            status, body = call_json(f"{url}/api/runs/{parent}/retry", "POST", PAGE_HEADERS)
+            assert status == 409 and body["retried_as"] == child, body
 
         run = DagsterInstance.from_config(str(home)).get_run_by_id(child)
         assert run.parent_run_id == parent and run.root_run_id == parent and run.job_name == "failing_job"

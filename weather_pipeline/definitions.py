@@ -14,6 +14,7 @@ from dagster import Definitions, in_process_executor
 
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, download_pool
+from weather_pipeline.orchestration.integrity import build_cache_checks, build_verify_cache_job, build_verify_cache_schedule
 from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
 from weather_pipeline.orchestration.resources import resources_from_env
 from weather_pipeline.orchestration.schedules import prune_cache_job, prune_cache_schedule
@@ -25,17 +26,21 @@ def build_definitions(env: dict[str, str] | None = None) -> Definitions:
     env = dict(os.environ if env is None else env)
     catalog = load_catalog()
     pool = download_pool(env.get("WEATHER_PIPELINE_SOURCES", "aws,nomads").split(",")[0].strip())
-    assets, jobs, sensors = [], [prune_cache_job], [deep_status_sensor]
+    assets, jobs, sensors, checks = [], [prune_cache_job], [deep_status_sensor], []
+    verify_job = build_verify_cache_job(catalog.models.values())
+    jobs.append(verify_job)
     for model in catalog.models.values():
         assets += [build_grib_asset(model, pool=pool), build_tile_asset(model)]
+        checks.append(build_cache_checks(model))
         ingest, tiles = build_ingest_job(model), build_tile_job(model)
         jobs += [ingest, tiles]
         sensors += [build_scan_source_sensor(model, ingest), build_tiles_follow_gribs_sensor(model, tiles)]
     return Definitions(
         assets=assets,
+        asset_checks=checks,
         jobs=jobs,
         sensors=sensors,
-        schedules=[prune_cache_schedule],
+        schedules=[prune_cache_schedule, build_verify_cache_schedule(verify_job)],
         resources=resources_from_env(env),
         executor=in_process_executor,
     )

@@ -130,6 +130,10 @@ class CacheLayout:
     def source_availability_path(self, model: str) -> Path:
         return self.status_dir / "sources" / f"{check_name('model', model)}.json"
 
+    def integrity_path(self, model: str) -> Path:
+        """What the last cache verification of a model found, and the files it found good."""
+        return self.status_dir / "integrity" / f"{check_name('model', model)}.json"
+
     @property
     def repairs_dir(self) -> Path:
         return self.status_dir / "repairs"

@@ -42,6 +42,9 @@ _RUN_RE = re.compile(r"\d{8}_\d{2}")
 class CacheWriteError(OSError):
     """A cache file could not be written (disk full, read-only, permissions); nothing partial is left."""
 
+    def __str__(self) -> str:
+        return str(self.strerror)
+
 
 class UnsafePath(ValueError):
     """A path component that could leave the cache root or is not a name the catalog allows."""

@@ -10,6 +10,9 @@ UV := $(TOOLS)/bin/uv
 VENV := .venv
 PY := $(VENV)/bin/python
 export DAGSTER_HOME := $(CURDIR)/.dagster_home
+# gRPC calls between Dagster's processes (launch a run, evaluate a sensor) time out after 60 s
+# by default, which a loaded 2-core machine exceeds; see dagster.yaml and README "Timeouts".
+export DAGSTER_GRPC_TIMEOUT_SECONDS ?= 180
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
 .PHONY: install demo test test-fast bench dev status-page clean help

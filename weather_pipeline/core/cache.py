@@ -193,11 +193,46 @@ def hour_lock(cache: CacheLayout, kind: str, model: str, run: str, hour: int, *,
 
     Two materializations of the same partition never interleave their writes: the second waits
     here (up to `timeout`, then FileLock's Timeout). The lock is an flock, so a killed writer's
-    lock is released by the kernel.
+    lock is released by the kernel, and whoever holds it may delete temporary files left beside
+    the hour's files (`sweep_dead_temps`): no live writer can own them.
     """
+    with _flock(cache.hour_lock_path(kind, model, run, hour), timeout, on_wait) as waited:
+        yield waited
+
+
+@contextmanager
+def file_lock(cache: CacheLayout, target: Path, *, timeout: float = 900.0) -> Iterator[bool]:
+    """Hold the writer's lock of one cache file (a run tile, rewritten by any run of its hours)."""
+    rel = Path(target).absolute().relative_to(cache.root)
+    with _flock(cache.root / ".locks" / "files" / (str(rel).replace("/", "__") + ".lock"), timeout, None) as waited:
+        yield waited
+
+
+def sweep_dead_temps(paths: Iterable[Path]) -> list[Path]:
+    """Remove the temporary files atomic writers left beside these destinations.
+
+    Call only while holding the destinations' lock: then any such temp file belongs to a writer
+    that died (a killed worker), never to a live one.
+    """
+    removed = []
+    for dest in paths:
+        dest = Path(dest)
+        try:
+            entries = list(dest.parent.iterdir())
+        except FileNotFoundError:
+            continue
+        prefix = TEMP_PREFIX + dest.name + "."
+        for entry in entries:
+            if entry.name.startswith(prefix):
+                entry.unlink(missing_ok=True)
+                removed.append(entry)
+    return removed
+
+
+@contextmanager
+def _flock(path: Path, timeout: float, on_wait) -> Iterator[bool]:
     from filelock import FileLock, Timeout
 
-    path = cache.hour_lock_path(kind, model, run, hour)
     path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(str(path))
     waited = False

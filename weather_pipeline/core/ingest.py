@@ -24,7 +24,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from weather_pipeline.core import grib
-from weather_pipeline.core.cache import CacheLayout, CacheWriteError, commit_files, hour_lock, md5_bytes, md5_file
+from weather_pipeline.core.cache import (
+    CacheLayout,
+    CacheWriteError,
+    commit_files,
+    hour_lock,
+    md5_bytes,
+    md5_file,
+    sweep_dead_temps,
+)
 from weather_pipeline.core.catalog import Catalog, Model, Variable, load_catalog
 from weather_pipeline.core.http import (
     HttpClient,
@@ -242,6 +250,9 @@ def ingest_hour(
             reused = _written_meanwhile(model, run, hour, selected, cache, started)
             if reused is not None:
                 return finish(reused)
+        swept = sweep_dead_temps(cache.grib_path(model.name, run, v.name, hour) for v in selected)
+        if swept:
+            log.warning("%s %s f%03d: removed %d temporary files left by a dead writer", model.name, run, hour, len(swept))
         failed: dict[str, tuple[str, str]] = {}  # source -> (kind, why)
         unreachable: list[str] = []
         wait_orders: list[RetryLater] = []

@@ -28,10 +28,13 @@ from weather_pipeline.core.cache import (
     CacheLayout,
     atomic_write_text,
     atomic_writer,
+    file_lock,
     format_res,
+    hour_lock,
     md5_bytes,
     md5_file,
     sidecar_path,
+    sweep_dead_temps,
 )
 from weather_pipeline.core.catalog import Catalog, Model, Region, Variable, load_catalog
 from weather_pipeline.core.regrid import SourceGrid, TargetGrid, Weights, cached_weights
@@ -200,7 +203,8 @@ def build_hour(
 ) -> HourTiles:
     """Build (or confirm up to date) every tile of one forecast hour from its GRIB subsets.
 
-    `expected_md5` (variable -> md5, what the ingest recorded) is checked before a GRIB is used:
+    Holds the hour's tile lock throughout, so two builds of one hour never interleave (the
+    second then finds the tiles up to date). `expected_md5` (variable -> md5, what the ingest recorded) is checked before a GRIB is used:
     a GRIB that changed on disk since it was verified is quarantined and GribNeedsRefetch
     raised. So is one whose decoded values fall outside the variable's plausible envelope
     (`ingest.plausible_envelope`): the tile is never built from it.
@@ -208,8 +212,16 @@ def build_hour(
     catalog = catalog or load_catalog()
     model = catalog.model(model_name)
     model.validate_hour(run, hour)
+    with hour_lock(cache, "tiles", model.name, run, hour):
+        return _build_hour(model, run, hour, cache, method, variables, regions, force, catalog, expected_md5)
+
+
+def _build_hour(model: Model, run: str, hour: int, cache: CacheLayout, method: str, variables, regions,
+                force: bool, catalog: Catalog, expected_md5: dict[str, str] | None) -> HourTiles:
     wanted = [v for v in model.select_variables(list(variables) if variables else None) if v.present_at(hour)]
     targets = targets_for(model.name, catalog, regions)
+    tile_paths = [cache.tile_path(t.region, t.res, model.name, run, v.name, hour) for v in wanted for t in targets]
+    sweep_dead_temps(tile_paths + [sidecar_path(p) for p in tile_paths])
     report = HourTiles(model.name, run, hour, method)
     gribs = cache.grib_paths_for_hour(model.name, run, hour)
 
@@ -340,8 +352,18 @@ def update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str
     """Bring `{variable}.npz` up to date with the hourly tiles present; None when there are none.
 
     The run tile is current when its sidecar lists the same hours with the same source md5s as
-    the hourly sidecars; otherwise it is rewritten.
+    the hourly sidecars; otherwise it is rewritten. Runs of different hours of one model run
+    update the same run tile: its lock makes the later one read the hourly tiles after the
+    earlier one wrote, so the run tile never goes back to fewer hours.
     """
+    path = cache.run_tile_path(region, res, model_name, run, variable)
+    with file_lock(cache, path):
+        sweep_dead_temps([path, sidecar_path(path)])
+        return _update_run_tile(cache, region, res, model_name, run, variable, force)
+
+
+def _update_run_tile(cache: CacheLayout, region: str, res: float, model_name: str, run: str, variable: str,
+                     force: bool) -> Path | None:
     hourly = cache.hourly_tiles(region, res, model_name, run, variable)
     if not hourly:
         return None

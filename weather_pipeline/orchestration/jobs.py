@@ -13,7 +13,7 @@ run partitions. Every run carries the tags `task`, `model` and (for runs of one 
 `run`, which the queue's concurrency limits and the deep status use.
 """
 
-from dagster import AssetKey, AssetSelection, define_asset_job
+from dagster import AssetCheckKey, AssetKey, AssetSelection, define_asset_job
 
 from weather_pipeline.core.catalog import Model
 from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
@@ -32,10 +32,21 @@ def tile_job_name(model_name: str) -> str:
     return f"{model_name}_build_tile"
 
 
+#: the cache verification checks run in their own job (verify_cache), never after an ingest or a
+#: tile build; names from orchestration/integrity.py (not imported: it imports this module's users)
+_VERIFY_CHECKS = {"_grib": "gribs_match_ingest", "_tiles": "tiles_match_sidecars"}
+
+
+def _without_verification(asset_name: str) -> AssetSelection:
+    suffix = next(s for s in _VERIFY_CHECKS if asset_name.endswith(s))
+    key = AssetKey(asset_name)
+    return AssetSelection.assets(key) - AssetSelection.checks(AssetCheckKey(key, _VERIFY_CHECKS[suffix]))
+
+
 def build_ingest_job(model: Model):
     return define_asset_job(
         ingest_job_name(model.name),
-        selection=AssetSelection.assets(AssetKey(grib_asset_name(model.name))),
+        selection=_without_verification(grib_asset_name(model.name)),
         tags={TASK_TAG: "ingest_grib", MODEL_TAG: model.name},
         description=f"IngestGrib for {model.name}: fetch forecast hours as GRIB2 subsets.",
     )
@@ -44,7 +55,7 @@ def build_ingest_job(model: Model):
 def build_tile_job(model: Model):
     return define_asset_job(
         tile_job_name(model.name),
-        selection=AssetSelection.assets(AssetKey(tile_asset_name(model.name))),
+        selection=_without_verification(tile_asset_name(model.name)),
         tags={TASK_TAG: "build_tile", MODEL_TAG: model.name},
         description=f"BuildTile for {model.name}: regional NPZ tiles from the cached GRIB subsets.",
     )

@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping
 
 BIN = Path(sys.executable).parent
+#: Dagster's gRPC calls (launching a run, evaluating a sensor) give up after 60 s by default,
+#: which a loaded 2-core machine exceeds; the daemons we start wait three times as long.
+GRPC_TIMEOUT_S = "180"
 
 
 def _reset_signals() -> None:
@@ -26,22 +29,32 @@ def _reset_signals() -> None:
         signal.signal(sig, signal.SIG_DFL)
 
 
-@contextmanager
-def dagster_daemon(env: Mapping[str, str], log_path: Path | None = None) -> Iterator[subprocess.Popen]:
-    """`dagster-daemon run` on the code location, with `env` (DAGSTER_HOME and our settings)."""
+def start_daemon(env: Mapping[str, str], log_path: Path | None = None,
+                 module: str = "weather_pipeline.definitions") -> subprocess.Popen:
+    """Start `dagster-daemon run -m module` in its own session (stop it with stop_process_group)."""
     if "DAGSTER_HOME" not in env:
         raise ValueError("dagster_daemon needs DAGSTER_HOME in env")
+    env = {"DAGSTER_GRPC_TIMEOUT_SECONDS": GRPC_TIMEOUT_S, **env}
     log = open(log_path, "ab") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(
-        [str(BIN / "dagster-daemon"), "run", "-m", "weather_pipeline.definitions"],
-        env=dict(env), stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_reset_signals,
-    )
+    try:
+        return subprocess.Popen(
+            [str(BIN / "dagster-daemon"), "run", "-m", module],
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=_reset_signals,
+        )
+    finally:
+        if log_path:
+            log.close()  # type: ignore[union-attr]  # the child has its own copy
+
+
+@contextmanager
+def dagster_daemon(env: Mapping[str, str], log_path: Path | None = None,
+                   module: str = "weather_pipeline.definitions") -> Iterator[subprocess.Popen]:
+    """`dagster-daemon run` on the code location, with `env` (DAGSTER_HOME and our settings)."""
+    proc = start_daemon(env, log_path, module)
     try:
         yield proc
     finally:
         stop_process_group(proc)
-        if log_path:
-            log.close()  # type: ignore[union-attr]
 
 
 def stop_process_group(proc: subprocess.Popen, timeout: float = 30.0) -> None:

@@ -31,7 +31,7 @@ def build_definitions(env: dict[str, str] | None = None) -> Definitions:
     jobs.append(verify_job)
     for model in catalog.models.values():
         assets += [build_grib_asset(model, pool=pool), build_tile_asset(model)]
-        checks.append(build_cache_checks(model))
+        checks += build_cache_checks(model)
         ingest, tiles = build_ingest_job(model), build_tile_job(model)
         jobs += [ingest, tiles]
         sensors += [build_scan_source_sensor(model, ingest), build_tiles_follow_gribs_sensor(model, tiles)]

@@ -71,15 +71,18 @@ class Row:
     slow: bool = False
 
     def markdown(self) -> str:
-        cells = [self.case, self.injection, ("ok: " if self.ok else "**NOT OK**: ") + self.outcome,
-                 str(self.partial_files), str(self.good_files_lost), f"`{_cell(self.message, 220)}`",
+        cells = [_cell(self.case, 400), _cell(self.injection, 400),
+                 _cell(("ok: " if self.ok else "**NOT OK**: ") + self.outcome, 400),
+                 str(self.partial_files), str(self.good_files_lost), f"`{_cell(self.message, 220, code=True)}`",
                  f"{self.seconds:.1f} s"]
-        return "| " + " | ".join(_cell(c, 400) for c in cells) + " |"
+        return "| " + " | ".join(cells) + " |"
 
 
-def _cell(text: str, width: int) -> str:
-    text = " ".join(str(text).split()).replace("|", "\\|")
-    return text if len(text) <= width else text[: width - 1] + "…"
+def _cell(text: str, width: int, code: bool = False) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= width else text[: width - 1] + "…"
+    # a table cell cannot hold a bare "|"; inside code spans GitHub still needs it escaped
+    return text.replace("|", "\\|").replace("`", "'" if code else "`")
 
 
 @dataclass

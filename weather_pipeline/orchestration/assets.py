@@ -14,6 +14,8 @@ that an earlier attempt of the same lineage already committed, once their files 
 """
 
 
+import random
+import time
 import warnings
 from collections import defaultdict
 
@@ -23,14 +25,11 @@ from dagster import (
     AssetMaterialization,
     AssetRecordsFilter,
     AssetsDefinition,
-    Backoff,
     BackfillPolicy,
     BetaWarning,
     DagsterInstance,
     Failure,
-    Jitter,
     MetadataValue,
-    RetryPolicy,
     asset,
 )
 
@@ -98,9 +97,11 @@ def ingest_metadata(report: IngestReport) -> dict:
 warnings.filterwarnings("ignore", message=".*backfill_policy.*", category=BetaWarning)
 
 
-#: Transient download trouble that outlasted the HTTP client's own retries: try the step again
-#: a few times, waiting 10 s, 20 s, 40 s (+-jitter) so concurrent runs do not retry in step.
-DOWNLOAD_RETRY_POLICY = RetryPolicy(max_retries=3, delay=10, backoff=Backoff.EXPONENTIAL, jitter=Jitter.PLUS_MINUS)
+#: Transient download trouble that outlasted the HTTP client's own retries: the hours it hit are
+#: tried again, waiting 10 s, 20 s, 40 s (+-25 % jitter, so concurrent runs do not retry in step).
+#: Done in the asset, not with a Dagster RetryPolicy: Dagster turns an interrupt (SIGTERM, Ctrl-C)
+#: into a step retry when a policy is set, so `dagster asset materialize` would not stop.
+DOWNLOAD_RETRY_DELAYS_S = (10.0, 20.0, 40.0)
 
 
 def download_pool(source: str) -> str:
@@ -162,7 +163,7 @@ def _committed_in_lineage(context: AssetExecutionContext, model: Model, asset_ke
 
 
 def build_grib_asset(model: Model, pool: str | None = None,
-                     retry_policy: RetryPolicy = DOWNLOAD_RETRY_POLICY) -> AssetsDefinition:
+                     retry_delays_s: tuple[float, ...] = DOWNLOAD_RETRY_DELAYS_S) -> AssetsDefinition:
     asset_key = AssetKey(grib_asset_name(model.name))
 
     @asset(
@@ -170,7 +171,6 @@ def build_grib_asset(model: Model, pool: str | None = None,
         group_name=model.name,
         partitions_def=model_partitions(model),
         backfill_policy=BackfillPolicy.single_run(),
-        retry_policy=retry_policy,
         pool=pool,
         kinds={"grib2"},
         output_required=False,
@@ -185,46 +185,57 @@ def build_grib_asset(model: Model, pool: str | None = None,
         layout = cache.layout()
         settings = noaa.source_settings()
         failures: dict[str, str] = {}
-        transient = False
         totals: dict[str, int] = defaultdict(int)
         done = _committed_in_lineage(context, model, asset_key, requested, layout)
         if done:
             context.log.info(f"{len(done)} of {len(requested)} hours were committed by an earlier attempt; not fetched again")
+        pending = [r for r in requested if r[0] not in done]
         with noaa.client() as client:
-            for i, (key, run, hour) in enumerate(requested, start=1):
-                if key in done:
-                    continue
-                try:
-                    report = ingest_hour(
-                        model.name, run, hour, cache=layout, client=client, settings=settings,
-                        allow_full_download=noaa.allow_full_download,
+            for attempt, delay in enumerate((0.0, *retry_delays_s)):
+                if attempt:
+                    wait = delay * random.uniform(0.75, 1.25)
+                    context.log.warning(f"{len(pending)} hours failed on transient trouble; trying them again in "
+                                        f"{wait:.0f} s (attempt {attempt + 1} of {len(retry_delays_s) + 1})")
+                    time.sleep(wait)
+                retry: list = []
+                for i, (key, run, hour) in enumerate(pending, start=1):
+                    try:
+                        report = ingest_hour(
+                            model.name, run, hour, cache=layout, client=client, settings=settings,
+                            allow_full_download=noaa.allow_full_download,
+                        )
+                    except Exception as exc:  # noqa: BLE001 - one bad hour must not hide the others' results
+                        failures[str(key)] = f"{type(exc).__name__}: {exc}"
+                        context.log.error(f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d} failed: {exc}")
+                        if isinstance(exc, CacheWriteError):
+                            # a full disk fails every later hour too: stop here, and do not retry
+                            failures.update({str(k): "not attempted: the cache could not be written"
+                                             for k, _r, _h in pending[i:]})
+                            retry = []
+                            break
+                        if is_transient(exc):
+                            retry.append((key, run, hour))
+                        continue
+                    failures.pop(str(key), None)
+                    # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
+                    context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
+                                                           metadata=ingest_metadata(report)))
+                    close_tickets(layout, model.name, run, hour, (REFETCH,))
+                    totals["bytes"] += report.bytes_fetched
+                    totals["requests"] += report.requests
+                    context.log.info(
+                        f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d}: {len(report.variables)} variables, "
+                        f"{report.message_bytes / 1e6:.2f} MB in {report.requests} requests from {report.source}"
+                        + (f" ({report.index})" if report.index != "remote .idx" else "")
                     )
-                except Exception as exc:  # noqa: BLE001 - one bad hour must not hide the others' results
-                    failures[str(key)] = f"{type(exc).__name__}: {exc}"
-                    transient = transient or is_transient(exc)
-                    context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d} failed: {exc}")
-                    if isinstance(exc, CacheWriteError):
-                        transient = False  # a full disk fails every later hour too: stop here
-                        failures.update({str(k): "not attempted: the cache could not be written"
-                                         for k, _r, _h in requested[i:] if k not in done})
-                        break
-                    continue
-                # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
-                context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
-                                                       metadata=ingest_metadata(report)))
-                close_tickets(layout, model.name, run, hour, (REFETCH,))
-                totals["bytes"] += report.bytes_fetched
-                totals["requests"] += report.requests
-                context.log.info(
-                    f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {len(report.variables)} variables, "
-                    f"{report.message_bytes / 1e6:.2f} MB in {report.requests} requests from {report.source}"
-                    + (f" ({report.index})" if report.index != "remote .idx" else "")
-                )
+                pending = retry
+                if not pending:
+                    break
         if failures:
-            # Only transient trouble (the network, a server's 5xx) is worth the step's retry
-            # policy: a mismatched message, a full disk or an unpublished hour will not change in
-            # a minute. The hours that landed are materialized already.
-            raise _batch_failure(model, requested, failures, transient, "IngestGrib")
+            # Only transient trouble (the network, a server's 5xx) was tried again: a mismatched
+            # message, a full disk or an unpublished hour will not change in a minute. The hours
+            # that landed are materialized already.
+            raise _batch_failure(model, requested, failures, False, "IngestGrib")
         context.log.info(
             f"{model.name}: {len(requested)} hours, {totals['bytes'] / 1e6:.2f} MB, {totals['requests']} requests"
         )

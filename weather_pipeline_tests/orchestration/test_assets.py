@@ -88,8 +88,8 @@ def test_an_unpublished_hour_fails_the_batch_and_names_the_hour(mirror, tmp_path
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     description = failure.step_failure_data.user_failure_data.description
     assert description.startswith("1 of 2 hrrr hours failed (IngestGrib): 003|20260512_00: HourNotPublished")
-    # Not transient: the step is not retried (its retry policy is for network trouble).
-    assert not [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    # Not transient: the hour is not tried again (that is for network trouble).
+    assert not any("trying them again" in (e.message or "") for e in instance.all_logs(result.run_id))
     assert (tmp_path / "cache/gribs/hrrr" / HRRR_RUN / "t2m/grib_002.grib2").is_file()  # the good hour is kept
     # ... and recorded as materialized with its metadata, so it is neither fetched again nor missing
     keys = [str(partition_key(HRRR_RUN, h)) for h in (2, 3)]
@@ -102,12 +102,10 @@ def test_an_unpublished_hour_fails_the_batch_and_names_the_hour(mirror, tmp_path
 
 
 def test_a_retried_batch_does_not_fetch_again_what_an_earlier_attempt_committed(mirror, tmp_path):
-    """Step retry after a transient failure: the hours that landed are skipped, the failed one fetched."""
-    from dagster import RetryPolicy
-
+    """A transient failure: only the failed hour is tried again; the hours that landed are kept."""
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    asset = build_grib_asset(load_catalog().model("hrrr"), retry_policy=RetryPolicy(max_retries=1, delay=0))
+    asset = build_grib_asset(load_catalog().model("hrrr"), retry_delays_s=(0.01,))
     # hour 1's .idx fails more often than the client retries (2 attempts): one step failure
     mirror.faults.add("*wrfsfcf01.grib2.idx", "status", code=503, times=2)
     resources = resources_from_env({
@@ -119,7 +117,7 @@ def test_a_retried_batch_does_not_fetch_again_what_an_earlier_attempt_committed(
         tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))},
     )
     assert result.success, [e.message for e in result.all_events if e.is_failure]
-    assert [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+    assert any("trying them again" in (e.message or "") for e in instance.all_logs(result.run_id))
     # every hour materialized exactly once: the retry fetched only hour 1
     recs = instance.fetch_materializations(AssetKey("hrrr_grib"), limit=10).records
     assert sorted(r.partition_key for r in recs) == sorted(str(partition_key(HRRR_RUN, h)) for h in (0, 1, 2))

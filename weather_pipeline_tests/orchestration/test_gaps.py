@@ -86,8 +86,9 @@ def test_cli_verify_exit_status_and_errors(tmp_path, monkeypatch, capsys):
     assert main(["gaps", "dispatch", str(bad)]) == 2
     assert "manifest line 1" in capsys.readouterr().err
     monkeypatch.delenv("DAGSTER_HOME")
+    monkeypatch.chdir(tmp_path)  # no ./.dagster_home here either
     assert main(["gaps", "verify", str(manifest)]) == 2
-    assert "DAGSTER_HOME is not set" in capsys.readouterr().err
+    assert "no Dagster instance: DAGSTER_HOME is not set" in capsys.readouterr().err
 
 
 def test_plan_against_a_dead_source_fails_fast_naming_it(env, tmp_path, capsys, monkeypatch):

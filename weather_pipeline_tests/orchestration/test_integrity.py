@@ -37,14 +37,15 @@ def world(request, mirror, tmp_path, monkeypatch):
     for asset in (grib, tiles):
         assert materialize([asset], instance=instance, resources=resources,
                            tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1))}).success
-    defs = Definitions(assets=[grib, tiles], asset_checks=[build_cache_checks(model)],
+    defs = Definitions(assets=[grib, tiles], asset_checks=build_cache_checks(model),
                        jobs=[build_verify_cache_job([model])], resources=resources)
     return instance, defs, resources, (grib, tiles), CacheLayout(tmp_path / "cache")
 
 
 def _verify(defs, instance, full=False):
     result = defs.resolve_job_def("verify_cache").execute_in_process(
-        instance=instance, run_config={"ops": {"hrrr_verify_cache": {"config": {"full": full}}}})
+        instance=instance, run_config={"ops": {name: {"config": {"full": full}} for name in (
+            "hrrr_grib_gribs_match_ingest", "hrrr_tiles_tiles_match_sidecars")}})
     assert result.success
     return {e.asset_check_key.name: e for e in result.get_asset_check_evaluations()}
 

@@ -15,7 +15,7 @@ export DAGSTER_HOME := $(CURDIR)/.dagster_home
 export DAGSTER_GRPC_TIMEOUT_SECONDS ?= 180
 export UV_PROJECT_ENVIRONMENT := $(CURDIR)/$(VENV)
 
-.PHONY: install demo test test-fast bench dev status-page clean help
+.PHONY: install demo test test-fast bench faults dev status-page clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/'
@@ -45,6 +45,9 @@ test-fast: install  ## the tests not marked slow
 
 bench: install  ## benchmarks; figures go to docs/benchmarks.md
 	$(PY) -m weather_pipeline.bench --write docs/benchmarks.md
+
+faults: install  ## the fault table: every fault through the real code paths; writes docs/reliability.md
+	$(PY) -m weather_pipeline.faults --write docs/reliability.md
 
 MIRROR_PORT ?= 8765
 dev: install  ## Dagster UI on :3000 and status page on :8766, assets pointed at ./mirror served on MIRROR_PORT

@@ -122,7 +122,9 @@ def test_webserver_shows_the_assets_partitions_and_checks(dagster_env):
         assert dims["hour"][:3] == ["000", "001", "002"] and len(dims["hour"]) == 49
         tiles = by_name["hrrr_tiles"]
         assert {c["name"] for c in tiles["assetChecksOrError"]["checks"]} == {
-            "sidecar_md5_matches_grib", "values_within_physical_bounds", "nan_fraction_under_threshold"}
+            "sidecar_md5_matches_grib", "values_within_physical_bounds", "nan_fraction_under_threshold",
+            "tiles_match_sidecars"}
+        assert {c["name"] for c in hrrr["assetChecksOrError"]["checks"]} == {"gribs_match_ingest"}
         assert by_name["gfs_tiles"]["groupName"] == "gfs"
     finally:
         proc.terminate()

@@ -1110,25 +1110,25 @@ def run(say=print) -> str:
         # -- what-ifs: the two costly steps taken out, in-process only (restored afterwards) ---
         say("  what-ifs")
         whatif = {}
-        memo: dict[str, str | None] = {}
-        real_failure_line, real_disk_usage = status_mod._failure_line, status_mod.disk_usage
+        memo: dict[str, tuple] = {}
+        real_failure, real_disk_usage = status_mod._failure, status_mod.disk_usage
 
-        def memo_failure_line(inst, run_id):
+        def memo_failure(inst, run_id):
             if run_id not in memo:
-                memo[run_id] = real_failure_line(inst, run_id)
+                memo[run_id] = real_failure(inst, run_id)
             return memo[run_id]
 
         try:
-            status_mod._failure_line = memo_failure_line
+            status_mod._failure = memo_failure
             tick_fresh()  # fills the memo, as the first tick after a code-server start would
             whatif["failure lines memoized by run id"] = _series(SIDE_REPEATS, tick_fresh, before)
             usage = real_disk_usage(layout)
             status_mod.disk_usage = lambda cache, runs=None: usage
             whatif["... and disk usage served from a cache"] = _series(SIDE_REPEATS, tick_fresh, before)
-            status_mod._failure_line = real_failure_line
+            status_mod._failure = real_failure
             whatif["disk usage served from a cache only"] = _series(SIDE_REPEATS, tick_fresh, before)
         finally:
-            status_mod._failure_line, status_mod.disk_usage = real_failure_line, real_disk_usage
+            status_mod._failure, status_mod.disk_usage = real_failure, real_disk_usage
         for k, v in whatif.items():
             say(f"  what-if {k}: median {_fmt(statistics.median(v))}, max {_fmt(max(v))}")
 
@@ -1298,7 +1298,7 @@ def _markdown(h, by_job, n_runs, mat_keys, dyn, in_retention, counts, disk, n_av
         "",
         "How the status code keeps this cheap (what the timed ticks measure):",
         "",
-        "- Failure lines (`_failure_line`, each one opens that run's own SQLite shard, and a fresh storage runs",
+        "- Failure lines (`_failure`, each one opens that run's own SQLite shard, and a fresh storage runs",
         "  `_initdb` on it first) are looked up only for failed runs whose hours are still missing, and memoized",
         "  by run id in the code-server process (a finished run's events never change). In the timed ticks that",
         f"  is {recs_f[0] / SIDE_REPEATS:g} lookups per tick ({_fmt(recs_f[1] / SIDE_REPEATS)} with a fresh instance);",

@@ -968,6 +968,18 @@ class MirrorServer:
             self._log_cond.wait_for(lambda: self._in_flight == 0, timeout=self.LOG_SETTLE_SECONDS)
             return sorted(self._log, key=lambda r: r.started)
 
+    @property
+    def answered_so_far(self) -> list[RequestRecord]:
+        """The log as it is now, without waiting for requests still being answered."""
+        with self._log_cond:
+            return sorted(self._log, key=lambda r: r.started)
+
+    @property
+    def in_flight(self) -> int:
+        """Requests received and not yet answered (a stalled transfer counts until it ends)."""
+        with self._log_cond:
+            return self._in_flight
+
     def clear_log(self) -> None:
         with self._log_cond:
             self._log.clear()

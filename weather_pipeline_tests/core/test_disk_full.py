@@ -120,6 +120,17 @@ def test_prune_still_frees_a_full_disk_and_the_status_says_so(mirror, tmp_path, 
             pass
     assert shutil.disk_usage(root).free < 65536
     assert cache.free_bytes() is not None and cache.free_bytes() < DEFAULT_MIN_FREE_BYTES
+    # The deep status says so, and its writer survives being unable to write deep.json.
+    from dagster import DagsterInstance, build_sensor_context
+
+    from weather_pipeline.orchestration.resources import CacheResource
+    from weather_pipeline.orchestration.status import deep_status, deep_status_sensor
+
+    instance = DagsterInstance.ephemeral()
+    alert = next(a for a in deep_status(instance, cache)["alerts"] if a["code"] == "disk_low")
+    assert alert["level"] == "critical"
+    tick = deep_status_sensor(build_sensor_context(instance=instance, resources={"cache": CacheResource(root=str(root))}))
+    assert "deep status not written" in tick.skip_message and "the disk is full" in tick.skip_message
     plan = plan_prune(runs_on_disk(cache), now=datetime(2026, 5, 20, tzinfo=timezone.utc),
                       retention_hours={"hrrr": 48}, budget_bytes=None, busy=set())
     result = execute_prune(cache, plan)

@@ -227,10 +227,17 @@ def test_page_renders_the_deep_status(chromium: str, tmp_path: Path) -> None:
 
     # alerts, coloured by level, critical first
     alerts = dom.by_id("alerts").find_all("li")
-    assert [a.attrs["data-level"] for a in alerts] == ["critical", "warning"]
+    assert [a.attrs["data-level"] for a in alerts] == ["critical", "warning", "warning"]
     assert "level-critical" in alerts[0].classes() and "1 of 12 runs failed in the last hour" in alerts[0].text
-    assert "level-warning" in alerts[1].classes()
-    assert "hrrr 20261122_15: GRIB present, tile missing for hour 3" in alerts[1].text
+    assert "level-warning" in alerts[1].classes() and "aws unreachable since" in alerts[1].text
+    assert "hrrr 20261122_15: GRIB present, tile missing for hour 3" in alerts[2].text
+
+    # sources: which answer, which do not, since when, why
+    rows = dom.by_id("sources-body").find_all("tr")
+    assert [(tr.attrs["data-source"], tr.attrs["data-reachable"]) for tr in rows] == [("aws", "false"), ("nomads", "true")]
+    assert "UNREACHABLE" in rows[0].text and "connection refused" in rows[0].text
+    assert "1 unreachable" in dom.by_id("sources-count").text
+    assert "1 damaged hour" in dom.by_id("repairs").text
 
 
 def test_document_strings_are_rendered_as_text(chromium: str, tmp_path: Path) -> None:

@@ -145,6 +145,9 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         complete: set[str] = set(cursor.get("complete", [])) - set(refetch)
         known = set(instance.get_dynamic_partitions(run_partitions(model.name).name))
         runs = [r for r in candidate_runs(model, now) if r not in complete]
+        # runs older than the lookback are asked again only to repair damaged hours of them
+        retention = candidate_runs(model, now, lookback_hours=model.retention_hours)
+        runs += [r for r in sorted(refetch, reverse=True) if r not in runs and r in retention]
         budget = scan_request_budget()
         settings = noaa.source_settings()
         availability = []

@@ -123,3 +123,17 @@ def test_an_unreachable_source_is_recorded_as_such_and_what_was_known_is_kept(se
     assert load_availability(layout, "hrrr")[HRRR_RUN].hours == (0, 1, 2)
     assert not load_source_health(layout, "hrrr")["mirror"].reachable
     reset_server_states()
+
+
+def test_a_refetch_ticket_requests_the_hour_again_even_when_materialized(setup):
+    from weather_pipeline.core.repairs import open_ticket
+
+    model, resources, scan, instance, layout = setup
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    for h in (0, 1, 2):
+        assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+                           partition_key=str(partition_key(HRRR_RUN, h))).success
+    assert not _tick(scan, instance, resources).run_requests  # everything is in
+    open_ticket(layout, "hrrr", HRRR_RUN, 1, "refetch", "md5 changed on disk")
+    (req,) = _tick(scan, instance, resources).run_requests
+    assert req.tags[RANGE_START] == req.tags[RANGE_END] == str(partition_key(HRRR_RUN, 1))

@@ -28,6 +28,7 @@ from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_na
 from weather_pipeline.orchestration.local_daemon import dagster_daemon, wait_for
 from weather_pipeline.core.status import summary_text
 from weather_pipeline.orchestration.partitions import partition_key
+from weather_pipeline.orchestration.sensors import IN_FLIGHT
 from weather_pipeline.orchestration.status import write_deep_status
 
 #: how long the demo lets the daemon work before giving up
@@ -93,8 +94,8 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
 
         def progress() -> None:
             counts = {s.value: instance.get_runs_count(RunsFilter(statuses=[s], created_after=now))
-                      for s in (DagsterRunStatus.QUEUED, DagsterRunStatus.STARTED, DagsterRunStatus.SUCCESS,
-                                DagsterRunStatus.FAILURE)}
+                      for s in (DagsterRunStatus.QUEUED, DagsterRunStatus.STARTING, DagsterRunStatus.STARTED,
+                                DagsterRunStatus.SUCCESS, DagsterRunStatus.FAILURE)}
             done = {name: (len(_materialized(instance, grib_asset_name(name), keys)),
                            len(_materialized(instance, tile_asset_name(name), keys)), len(keys))
                     for name, keys in wanted.items()}
@@ -104,11 +105,14 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
                 _say(line)
                 last[0] = line
 
+        def finished() -> bool:
+            # every hour tiled, and no run still working (a tile run writes its run tiles after
+            # recording its hours): the daemon is never stopped under a run of ours
+            return (all(_materialized(instance, tile_asset_name(n), keys) == keys for n, keys in wanted.items())
+                    and not instance.get_runs_count(RunsFilter(statuses=IN_FLIGHT, created_after=now)))
+
         with dagster_daemon(env, log_path=log_path):
-            ok = wait_for(
-                lambda: all(_materialized(instance, tile_asset_name(n), keys) == keys for n, keys in wanted.items()),
-                timeout=DEMO_TIMEOUT_S, interval=2.0, on_wait=progress,
-            )
+            ok = wait_for(finished, timeout=DEMO_TIMEOUT_S, interval=2.0, on_wait=progress)
             progress()
         if not ok:
             _say(f"the daemon did not finish within {DEMO_TIMEOUT_S} s; see {log_path} and the runs in `make dev`")

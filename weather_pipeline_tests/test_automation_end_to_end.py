@@ -76,7 +76,10 @@ def test_sensor_queue_retries_tiles_and_prune(tmp_path):
                 for hour in HOURS:  # the mirror publishes the run hour by hour
                     generate_run(mirror_root, "hrrr", run, [hour])
                     time.sleep(2)
-                done = wait_for(lambda: _materialized(instance, "hrrr_tiles", run) == set(HOURS), timeout=420, interval=2)
+                from weather_pipeline.orchestration.sensors import IN_FLIGHT
+
+                done = wait_for(lambda: _materialized(instance, "hrrr_tiles", run) == set(HOURS)
+                                and not instance.get_runs_count(RunsFilter(statuses=IN_FLIGHT)), timeout=420, interval=2)
                 log_tail = (tmp_path / "daemon.log").read_text()[-3000:]
                 assert done, f"tiles: {_materialized(instance, 'hrrr_tiles', run)}; daemon log tail:\n{log_tail}"
                 assert daemon.poll() is None

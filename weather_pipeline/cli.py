@@ -28,6 +28,7 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
     from weather_pipeline.core.idx import IdxError, parse_idx, search
 
     target: str = args.path_or_url
+    pattern = _regex(args.search)
     try:
         if target.startswith(("http://", "https://")):
             with HttpClient() as client:
@@ -45,8 +46,8 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
             else:
                 text = path.read_text(errors="replace")
         entries = parse_idx(text, source=target)
-        if args.search:
-            entries = search(entries, args.search)
+        if pattern is not None:
+            entries = search(entries, pattern)
     except (IdxError, FetchError) as exc:
         raise UsageError(str(exc)) from None
     if args.json:
@@ -58,6 +59,34 @@ def _cmd_inventory(args: argparse.Namespace) -> int:
             print(f"{e.msg:>6} {e.start:>12}-{end:<12} {e.variable}:{e.level}:{e.forecast}")
         print(f"{len(entries)} message(s)", file=sys.stderr)
     return 0
+
+
+def _regex(text: str | None):
+    """A --search pattern compiled, or UsageError naming it."""
+    import re
+
+    if text is None:
+        return None
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise UsageError(f"--search {text!r} is not a valid regular expression: {exc}") from None
+
+
+def _port_free(host: str, port: int, what: str) -> None:
+    """UsageError naming the port if it cannot be bound (checked before anything is started)."""
+    import socket
+
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            raise UsageError(f"cannot serve {what} on {host}:{port}: {exc.strerror or exc} "
+                             f"(choose another with --port)") from None
 
 
 def _cmd_mirror_generate(args: argparse.Namespace) -> int:
@@ -81,14 +110,18 @@ def _cmd_mirror_serve(args: argparse.Namespace) -> int:
     root = Path(args.root)
     if not root.is_dir():
         raise UsageError(f"mirror root {root} is not a directory (run `weather-pipeline mirror generate` first)")
-    server = MirrorServer(root, host=args.host, port=args.port, verbose=args.verbose)
+    _port_free(args.host, args.port, "the mirror")
+    try:
+        server = MirrorServer(root, host=args.host, port=args.port, verbose=args.verbose)
+    except OSError as exc:
+        raise UsageError(f"cannot serve the mirror on {args.host}:{args.port}: {exc.strerror or exc}") from None
     print(f"serving {root} at {server.url}  (export WEATHER_PIPELINE_MIRROR_URL={server.url})", flush=True)
     server.serve_forever()
     return 0
 
 
 def _cmd_tile(args: argparse.Namespace) -> int:
-    from weather_pipeline.core.grib import GribError
+    from weather_pipeline.core.grib import GribError  # eccodes: the tile needs it anyway
     from weather_pipeline.core.regrid import RegridError, TargetGrid
     from weather_pipeline.core.tiles import TileError, tile_from_file
 
@@ -97,9 +130,11 @@ def _cmd_tile(args: argparse.Namespace) -> int:
         raise UsageError(f"no such file: {path}")
     if not args.output.endswith(".npz"):
         raise UsageError(f"output {args.output!r} must end in .npz (the sidecar goes beside it as .meta.json)")
+    _regex(args.search)
     try:
         target = TargetGrid.parse_bbox(args.bbox, args.res)
-        sidecar = tile_from_file(path, target, Path(args.output), method=args.method, search=args.search)
+        sidecar = tile_from_file(path, target, Path(args.output), method=args.method, search=args.search,
+                                 allow_empty=args.allow_empty)
     except (RegridError, TileError, GribError) as exc:
         raise UsageError(str(exc)) from None
     stats = sidecar["stats"]
@@ -137,14 +172,16 @@ def _instance():
 
 
 def _cmd_gaps_plan(args: argparse.Namespace) -> int:
-    from weather_pipeline.orchestration import gaps
-    from weather_pipeline.orchestration.resources import resources_from_env
-
     if args.since:
         from weather_pipeline.core.catalog import parse_run_key
 
         parse_run_key(args.since)
     models = [load_catalog().model(args.model).name] if args.model else None
+    find_dagster_home()  # before the heavy imports: a missing instance answers at once
+
+    from weather_pipeline.orchestration import gaps
+    from weather_pipeline.orchestration.resources import resources_from_env
+
     incomplete = None
     with _instance() as instance:
         try:
@@ -162,11 +199,13 @@ def _cmd_gaps_plan(args: argparse.Namespace) -> int:
 
 
 def _read_manifest(path: str):
-    from weather_pipeline.orchestration import gaps
-
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"no such manifest: {path}")
+    find_dagster_home()
+
+    from weather_pipeline.orchestration import gaps
+
     try:
         return gaps.read_manifest(p.read_text().splitlines())
     except ValueError as exc:
@@ -174,9 +213,9 @@ def _read_manifest(path: str):
 
 
 def _cmd_gaps_dispatch(args: argparse.Namespace) -> int:
+    entries = _read_manifest(args.manifest)
     from weather_pipeline.orchestration import gaps
 
-    entries = _read_manifest(args.manifest)
     if not entries:
         print("manifest is empty: nothing to dispatch")
         return 0
@@ -188,9 +227,9 @@ def _cmd_gaps_dispatch(args: argparse.Namespace) -> int:
 
 
 def _cmd_gaps_verify(args: argparse.Namespace) -> int:
+    entries = _read_manifest(args.manifest)
     from weather_pipeline.orchestration import gaps
 
-    entries = _read_manifest(args.manifest)
     with _instance() as instance:
         still = gaps.verify(instance, entries)
     if still:
@@ -202,6 +241,8 @@ def _cmd_gaps_verify(args: argparse.Namespace) -> int:
 
 def _cmd_status(args: argparse.Namespace) -> int:
     import os
+
+    find_dagster_home()  # before the heavy imports: a missing instance answers at once
 
     from weather_pipeline.core.status import EXIT_CODES, summary_text
     from weather_pipeline.orchestration.resources import resources_from_env
@@ -220,6 +261,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve_status(args: argparse.Namespace) -> int:
+    _port_free(args.host, args.port, "the status page")
     from weather_pipeline.orchestration.resources import resources_from_env
     from weather_pipeline.orchestration.status import dagster_url
     from weather_pipeline.status.app import serve
@@ -345,6 +387,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--res", required=True, type=float, metavar="DEG", help="grid spacing in degrees, e.g. 0.25")
     p.add_argument("--method", choices=("bilinear", "nearest"), default="bilinear", help="interpolation (default bilinear)")
     p.add_argument("--search", metavar="REGEX", help="use the first message whose inventory line matches")
+    p.add_argument("--allow-empty", action="store_true",
+                   help="write the tile even when the box lies outside the GRIB's grid (all NaN); refused otherwise")
     p.add_argument("-o", "--output", required=True, metavar="OUT.npz", help="output tile path")
     p.set_defaults(func=_cmd_tile)
 
@@ -362,15 +406,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: options whose value may start with "-" (a western-hemisphere bbox: -100,35,-95,40)
+_NEGATIVE_VALUE_OPTIONS = ("--bbox",)
+
+
+def _join_negative_values(argv: list[str]) -> list[str]:
+    """`--bbox -100,35,-95,40` -> `--bbox=-100,35,-95,40`: argparse would take the value for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in _NEGATIVE_VALUE_OPTIONS and i + 1 < len(argv) and argv[i + 1].startswith("-") \
+                and argv[i + 1][1:2].isdigit():
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_negative_values(list(sys.argv[1:] if argv is None else argv)))
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
     except (UsageError, CatalogError, InvalidRequest) as exc:
         print(f"weather-pipeline: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # the reader went away (`| head`): not an error; silence the interpreter's flush at exit
+        import os
+
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         return 130
 

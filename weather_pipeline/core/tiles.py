@@ -421,8 +421,13 @@ def _update_run_tile(cache: CacheLayout, region: str, res: float, model_name: st
 
 
 def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: str = "bilinear",
-                   search: str | None = None, cache_dir: Path | None = None) -> dict[str, Any]:
-    """A tile (and sidecar) from the first message of a local GRIB2 file matching `search`."""
+                   search: str | None = None, cache_dir: Path | None = None,
+                   allow_empty: bool = False) -> dict[str, Any]:
+    """A tile (and sidecar) from the first message of a local GRIB2 file matching `search`.
+
+    A box entirely outside the GRIB's grid gives only NaN: TileError (nothing written) unless
+    `allow_empty`.
+    """
     data = Path(grib_path).read_bytes()
     index = 0
     if search:
@@ -446,6 +451,10 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
         weights, _ = cached_weights(cache_dir, source, target, method)
     tile = weights.apply(f.values)
     stats = field_stats(tile)
+    if stats["nan_fraction"] == 1.0 and not allow_empty:
+        raise TileError(f"the box {target.west:g},{target.south:g},{target.east:g},{target.north:g} lies outside "
+                        f"the grid of {grib_path}: the tile would be all NaN; nothing written (--allow-empty to "
+                        "write it anyway)")
     sidecar = {
         "source_file": str(grib_path),
         "source_grib_md5": md5_bytes(data),

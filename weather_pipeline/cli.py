@@ -242,14 +242,20 @@ def _cmd_gaps_verify(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     import os
 
+    from weather_pipeline.core.cache import CacheLayout
+    from weather_pipeline.core.status import EXIT_CODES, fresh_document, summary_text
+
     find_dagster_home()  # before the heavy imports: a missing instance answers at once
+    layout = CacheLayout(Path(os.environ.get("WEATHER_PIPELINE_CACHE", "cache")))
+    doc = None if args.fresh else fresh_document(layout.deep_status_path)
+    if doc is not None:
+        print(f"from {layout.deep_status_path} (written by the deep_status sensor at {doc['generated_at']}; "
+              "--fresh to compute it now)", file=sys.stderr)
+    else:
+        from weather_pipeline.orchestration.status import deep_status
 
-    from weather_pipeline.core.status import EXIT_CODES, summary_text
-    from weather_pipeline.orchestration.resources import resources_from_env
-    from weather_pipeline.orchestration.status import deep_status
-
-    with _instance() as instance:
-        doc = deep_status(instance, resources_from_env()["cache"].layout())
+        with _instance() as instance:
+            doc = deep_status(instance, layout)
     if args.json:
         json.dump(doc, sys.stdout, indent=1)
         sys.stdout.write("\n")
@@ -360,6 +366,9 @@ def build_parser() -> argparse.ArgumentParser:
         "0 healthy, 1 degraded, 2 unhealthy (for cron or a load balancer).",
     )
     p.add_argument("--json", action="store_true", help="print the deep-status JSON document")
+    p.add_argument("--fresh", action="store_true",
+                   help="compute the document now even when the deep_status sensor's one is current "
+                        "(by default a document younger than 3 sensor intervals is shown as it is)")
     p.set_defaults(func=_cmd_status)
 
     p = sub.add_parser(

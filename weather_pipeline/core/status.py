@@ -126,6 +126,7 @@ class StatusInputs:
     repairs: Sequence[RepairFacts] = ()
     disk_free_bytes: int | None = None
     min_free_bytes: int = DEFAULT_MIN_FREE_BYTES
+    status_interval_s: float | None = None  # how often the writer rewrites the document
 
 
 def iso(t: datetime | None) -> str | None:
@@ -307,6 +308,49 @@ def health_of(alerts: Sequence[Mapping[str, str]]) -> str:
 
 
 EXIT_CODES = {"healthy": 0, "degraded": 1, "unhealthy": 2}
+#: a document older than this many of its writer's intervals is stale (three writes missed)
+STALE_AFTER_INTERVALS = 3
+#: ... and one that does not say its interval (written by an older version)
+DEFAULT_STALE_AFTER_S = 600.0
+
+
+def document_age_s(doc: Mapping[str, Any], now: datetime | None = None) -> float | None:
+    """Seconds from the document's `generated_at` to `now`; None if it has no valid one."""
+    from datetime import timezone
+
+    value = doc.get("generated_at")
+    if not isinstance(value, str):
+        return None
+    try:
+        generated = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if generated.tzinfo is None:
+        generated = generated.replace(tzinfo=timezone.utc)
+    return ((now or datetime.now(timezone.utc)) - generated).total_seconds()
+
+
+def stale_limit_s(doc: Mapping[str, Any], default: float = DEFAULT_STALE_AFTER_S) -> float:
+    """When a document goes stale: 3 x its writer's interval, else `default`."""
+    interval = doc.get("status_interval_s")
+    if isinstance(interval, (int, float)) and not isinstance(interval, bool) and interval > 0:
+        return STALE_AFTER_INTERVALS * float(interval)
+    return default
+
+
+def fresh_document(path) -> dict[str, Any] | None:
+    """The document at `path` if it is readable and not stale, else None."""
+    import json
+    from pathlib import Path
+
+    try:
+        doc = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or "health" not in doc:
+        return None
+    age = document_age_s(doc)
+    return doc if age is not None and age <= stale_limit_s(doc) else None
 
 
 def compute_deep_status(inputs: StatusInputs) -> dict[str, Any]:
@@ -338,6 +382,7 @@ def compute_deep_status(inputs: StatusInputs) -> dict[str, Any]:
     return {
         "schema_version": SCHEMA_VERSION,
         "generated_at": iso(inputs.now),
+        "status_interval_s": inputs.status_interval_s,
         "health": health_of(alerts),
         "dagster_url": inputs.dagster_url,
         "queue": queue,

@@ -276,6 +276,7 @@ def gather(instance: DagsterInstance, layout: CacheLayout, *, now: datetime | No
         repairs=repairs,
         disk_free_bytes=layout.free_bytes(),
         min_free_bytes=int(float(os.environ.get("WEATHER_PIPELINE_MIN_FREE_GB", DEFAULT_MIN_FREE_BYTES / 1e9)) * 1e9),
+        status_interval_s=float(status_interval_s()),
     )
 
 

@@ -17,8 +17,9 @@ can be restarted at will. Routes:
     For load balancers and cron: 200 when the document is fresh and ``health`` is ``healthy``
     or ``degraded`` (degraded still serves: a missing tile is no reason to take the page out of
     rotation); 503 when it is ``unhealthy``, when the document is missing, unreadable or has no
-    valid ``generated_at`` (``"health": "unknown"``), or when it is older than
-    ``stale_after_s`` (default 10 minutes; ``"health": "stale"``: the writer has stopped, so its
+    valid ``generated_at`` (``"health": "unknown"``), or when it is stale: older than 3 x the
+    writer's ``status_interval_s`` (10 minutes for a document that does not say;
+    ``stale_after_s`` overrides both; ``"health": "stale"``: the daemon is not writing, so its
     last verdict means nothing). The body always carries ``health`` and, on 503, ``reason``.
 ``GET /status``
     One self-contained HTML page (inline CSS and script, no external assets) that polls the
@@ -64,10 +65,12 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from weather_pipeline.core.status import DEFAULT_STALE_AFTER_S, document_age_s, stale_limit_s
+
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8766
-#: a document older than this is stale: /health answers 503 and the page says so
-DEFAULT_STALE_AFTER_S = 600.0
+# a document older than 3 x its writer's interval is stale (core.status.stale_limit_s): /health
+# answers 503 and the page says so (the writer missed three ticks in a row: the daemon is not writing)
 #: how long a Retry waits for Dagster (launching a run can load the code location)
 DEFAULT_GRAPHQL_TIMEOUT_S = 30.0
 PAGE_PATH = Path(__file__).with_name("page.html")
@@ -144,20 +147,6 @@ def read_status(path: Path) -> dict[str, Any]:
     if not isinstance(doc, dict):
         raise StatusUnavailable(f"deep status document {path} is not a JSON object")
     return doc
-
-
-def document_age_s(doc: dict[str, Any], now: datetime | None = None) -> float | None:
-    """Seconds from the document's ``generated_at`` to ``now``; None if it has no valid one."""
-    value = doc.get("generated_at")
-    if not isinstance(value, str):
-        return None
-    try:
-        generated = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    if generated.tzinfo is None:
-        generated = generated.replace(tzinfo=timezone.utc)
-    return ((now or datetime.now(timezone.utc)) - generated).total_seconds()
 
 
 def _expected_hours(model: Any, run: Any) -> list[int] | None:
@@ -304,7 +293,7 @@ def create_app(
     *,
     dagster_url: str | None = None,
     graphql_url: str | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    stale_after_s: float | None = None,
     graphql_timeout_s: float = DEFAULT_GRAPHQL_TIMEOUT_S,
 ) -> Starlette:
     """The status app over the document at ``status_path`` (routes: see the module docstring).
@@ -313,6 +302,7 @@ def create_app(
     own ``dagster_url`` is used. ``graphql_url`` defaults to ``{dagster_url}/graphql``.
     """
     status_path = Path(status_path)
+    fixed_stale_after = stale_after_s  # None: from each document's own interval
     configured_dagster = _safe_base_url(dagster_url) if dagster_url else None
     if dagster_url and configured_dagster is None:
         raise ValueError(f"dagster_url must be an http(s) URL, not {dagster_url!r}")
@@ -337,8 +327,10 @@ def create_app(
         except StatusUnavailable as exc:
             return error(503, str(exc), status_path=str(status_path))
         age = document_age_s(doc)
+        limit = fixed_stale_after if fixed_stale_after is not None else stale_limit_s(doc, DEFAULT_STALE_AFTER_S)
         doc["stale_s"] = None if age is None else round(age, 1)
-        doc["stale"] = age is None or age > stale_after_s
+        doc["stale"] = age is None or age > limit
+        doc["stale_after_s"] = limit
         if configured_dagster:
             doc["dagster_url"] = configured_dagster
         if "inventory" in doc:
@@ -360,9 +352,10 @@ def create_app(
         if age is None:
             reason = "the deep status document has no valid generated_at"
             return JSONResponse({**body, "health": "unknown", "reason": reason}, status_code=503, headers=_NO_STORE)
-        if age > stale_after_s:
-            reason = (f"the deep status document is {age:.0f} s old (limit {stale_after_s:.0f} s): "
-                      "its writer has stopped")
+        limit = fixed_stale_after if fixed_stale_after is not None else stale_limit_s(doc, DEFAULT_STALE_AFTER_S)
+        if age > limit:
+            reason = (f"the deep status document is {age:.0f} s old (limit {limit:.0f} s, 3 x its writer's "
+                      "interval): the daemon is not writing it")
             return JSONResponse({**body, "health": "stale", "document_health": verdict, "reason": reason},
                                 status_code=503, headers=_NO_STORE)
         if verdict in ("healthy", "degraded"):
@@ -448,7 +441,7 @@ def serve(
     *,
     dagster_url: str | None = None,
     graphql_url: str | None = None,
-    stale_after_s: float = DEFAULT_STALE_AFTER_S,
+    stale_after_s: float | None = None,
     log_level: str = "info",
 ) -> None:
     """Serve the status app with uvicorn until interrupted."""

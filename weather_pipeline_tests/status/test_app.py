@@ -260,7 +260,8 @@ def test_api_503_when_the_document_is_missing_or_unreadable(tmp_path: Path, cont
         ("healthy", 5, 200, "healthy"),
         ("degraded", 5, 200, "degraded"),  # load balancers keep a degraded page in rotation
         ("unhealthy", 5, 503, "unhealthy"),
-        ("healthy", 11 * 60, 503, "stale"),  # older than the default 10 minutes
+        ("healthy", 85, 200, "healthy"),  # within 3 x the writer's 30 s interval
+        ("healthy", 95, 503, "stale"),  # three writes missed: the daemon is not writing
     ],
 )
 def test_health_codes(tmp_path: Path, health: str, age_s: float, code: int, reported: str) -> None:
@@ -273,6 +274,18 @@ def test_health_codes(tmp_path: Path, health: str, age_s: float, code: int, repo
         assert "1 of 12 runs failed" in body["reason"]  # the critical alert's message
     if reported == "stale":
         assert body["document_health"] == "healthy"
+
+
+def test_a_document_without_its_interval_goes_stale_after_ten_minutes(tmp_path: Path) -> None:
+    doc = example(age_s=9 * 60, health="healthy")
+    del doc["status_interval_s"]
+    with served(write(tmp_path / "deep.json", doc)) as url:
+        assert call_json(url + "/health")[0] == 200
+    doc = example(age_s=11 * 60, health="healthy")
+    del doc["status_interval_s"]
+    with served(write(tmp_path / "deep.json", doc)) as url:
+        status, body = call_json(url + "/health")
+    assert status == 503 and body["health"] == "stale" and "not writing" in body["reason"]
 
 
 def test_health_stale_limit_is_configurable(tmp_path: Path) -> None:

@@ -9,6 +9,7 @@ and shows the outcome inline; and leaves a screenshot at ``test-artifacts/status
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import subprocess
@@ -264,9 +265,14 @@ def test_stale_or_missing_document_is_announced(chromium: str, tmp_path: Path) -
         assert dom.by_id("health-badge").text == "unknown"
         write(path, example(age_s=3600, health="healthy"))
         dom = dump_dom(chromium, tmp_path, server.url + "/status")
-    banner = dom.by_id("banner")
-    assert banner.attrs.get("hidden") is None and "was generated 1 h 00 min ago" in banner.text
-    assert "may have stopped" in banner.text
+        banner = dom.by_id("banner")
+        assert banner.attrs.get("hidden") is None and "Status document is 1 h 00 min old, daemon not writing" in banner.text
+        # three missed writes (3 x 30 s) are enough: the daemon card goes red, whatever the document said
+        write(path, example(age_s=100, health="healthy"))
+        dom = dump_dom(chromium, tmp_path, server.url + "/status")
+    assert re.search(r"Status document is 1 min 4\d s old, daemon not writing", dom.by_id("banner").text)
+    assert "not writing" in dom.by_id("m-daemon").text and "daemon alive" not in dom.by_id("m-daemon").text
+    assert "tone-bad-border" in dom.by_id("metric-daemon").classes()
 
 
 def test_retry_button_launches_a_reexecution_and_shows_the_outcome(chromium: str, tmp_path: Path) -> None:

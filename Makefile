@@ -49,17 +49,28 @@ bench: install  ## benchmarks; figures go to docs/benchmarks.md
 faults: install  ## the fault table: every fault through the real code paths; writes docs/reliability.md
 	$(PY) -m weather_pipeline.faults --write docs/reliability.md
 
+# make dev's ports; the status page and the deep status learn the UI's address from UI_PORT
 MIRROR_PORT ?= 8765
-dev: install  ## Dagster UI on :3000 and status page on :8766, assets pointed at ./mirror served on MIRROR_PORT
+UI_PORT ?= 3000
+STATUS_PORT ?= 8766
+DAGSTER_URL := http://127.0.0.1:$(UI_PORT)
+# the demo's models publish only the hours it generated (written by `make demo`)
+DEMO_CATALOG := $(DAGSTER_HOME)/demo-catalog.toml
+dev: install  ## Dagster UI on :UI_PORT (3000), status page on :STATUS_PORT (8766), ./mirror served on :MIRROR_PORT (8765)
 	@test -d mirror || { echo "no ./mirror yet: run 'make demo' first"; exit 2; }
+	@test ! -f $(DEMO_CATALOG) || echo "using the demo's catalog overlay $(DEMO_CATALOG)"
 	$(VENV)/bin/weather-pipeline mirror serve --root mirror --port $(MIRROR_PORT) & mirror_pid=$$!; \
-	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/weather-pipeline serve-status --port 8766 & status_pid=$$!; \
+	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache WEATHER_PIPELINE_DAGSTER_URL=$(DAGSTER_URL) \
+	  $(VENV)/bin/weather-pipeline serve-status --port $(STATUS_PORT) & status_pid=$$!; \
 	  trap 'kill $$mirror_pid $$status_pid' EXIT INT TERM; \
+	  env $$(test -f $(DEMO_CATALOG) && echo WEATHER_PIPELINE_CATALOG=$(DEMO_CATALOG)) \
 	  WEATHER_PIPELINE_SOURCES=mirror WEATHER_PIPELINE_MIRROR_URL=http://127.0.0.1:$(MIRROR_PORT) \
-	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p 3000
+	  WEATHER_PIPELINE_DAGSTER_URL=$(DAGSTER_URL) WEATHER_PIPELINE_KEEP_GRIBS=all \
+	  WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/dagster dev -w workspace.yaml -h 127.0.0.1 -p $(UI_PORT)
 
-status-page: install  ## serve the status page on http://127.0.0.1:8766/status (reads cache/status/deep.json)
-	WEATHER_PIPELINE_CACHE=$(CURDIR)/cache $(VENV)/bin/weather-pipeline serve-status --port 8766
+status-page: install  ## serve the status page on http://127.0.0.1:STATUS_PORT/status (reads cache/status/deep.json)
+	WEATHER_PIPELINE_CACHE=$(CURDIR)/cache WEATHER_PIPELINE_DAGSTER_URL=$(DAGSTER_URL) \
+	  $(VENV)/bin/weather-pipeline serve-status --port $(STATUS_PORT)
 
 clean:  ## remove generated data (cache, mirror, Dagster storage); keeps .venv
 	rm -rf cache mirror .dagster_home

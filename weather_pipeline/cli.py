@@ -279,12 +279,16 @@ def _cmd_serve_status(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    if args.timeout is not None and args.timeout <= 0:
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout:g}")
+    hrrr_hours, gfs_hours = parse_hours(args.hrrr_hours), parse_hours(args.gfs_hours)
     from weather_pipeline.demo import run_demo
 
     return run_demo(
         workdir=Path(args.workdir),
-        hrrr_hours=parse_hours(args.hrrr_hours),
-        gfs_hours=parse_hours(args.gfs_hours),
+        hrrr_hours=hrrr_hours,
+        gfs_hours=gfs_hours,
+        **({"timeout_s": args.timeout} if args.timeout is not None else {}),
     )
 
 
@@ -307,6 +311,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default=".", help="where cache/ and mirror/ go (default: current directory)")
     p.add_argument("--hrrr-hours", default="0-3", help="HRRR forecast hours to generate and ingest (default 0-3)")
     p.add_argument("--gfs-hours", default="0-3", help="GFS forecast hours to generate and ingest (default 0-3)")
+    p.add_argument("--timeout", type=float, default=None, metavar="SECONDS",
+                   help="how long the flow may take once the daemon and its code server are ready (default "
+                        "900, or $WEATHER_PIPELINE_DEMO_TIMEOUT_S); runs in flight are always waited for")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("mirror", help="the local NOAA mirror: generate and serve", description="The local NOAA mirror.")

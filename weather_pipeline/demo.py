@@ -7,6 +7,18 @@
    of hours; the queue launches them; the tiles-follow-GRIBs sensors queue the tile runs. This is
    the production path, not a hand-written loop;
 4. print what landed, read back from the instance's materializations, and the tiles written.
+
+Made to finish on a busy machine, and to converge when run again after a failure:
+- its deadline (`--timeout`, default 15 min) starts when the daemon and its code server are
+  ready (the deep_status sensor has written its first document), not before;
+- it never stops the daemon under a run of its own: at the deadline it says so and waits for the
+  runs in flight to finish;
+- runs a previous demo left STARTED with their worker gone are marked failed first (they would
+  otherwise hold their hours "in flight" for hours), and such failures, like any run that failed
+  without its step failing, do not count toward ScanSource's give-up rule;
+- the demo's models publish only the hours it generates (a catalog overlay written to
+  $DAGSTER_HOME/demo-catalog.toml, which `make dev` uses too), so the deep status reads healthy
+  once they are in.
 """
 
 from __future__ import annotations
@@ -18,10 +30,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Sequence
 
-from dagster import AssetKey, DagsterInstance, DagsterRunStatus, RunsFilter
+from dagster import AssetKey, DagsterEventType, DagsterInstance, DagsterRunStatus, RunsFilter
 
 from weather_pipeline.core.cache import CacheLayout
-from weather_pipeline.core.catalog import format_run_key, load_catalog
+from weather_pipeline.core.catalog import OVERLAY_ENV, format_run_key, load_catalog
 from weather_pipeline.mirror.generate import generate_run, mirror_relative_path
 from weather_pipeline.mirror.server import MirrorServer
 from weather_pipeline.orchestration.assets import grib_asset_name, tile_asset_name
@@ -31,8 +43,12 @@ from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.sensors import IN_FLIGHT
 from weather_pipeline.orchestration.status import write_deep_status
 
-#: how long the demo lets the daemon work before giving up
-DEMO_TIMEOUT_S = 150
+#: how long the demo lets the daemon work once it is ready (a loaded 2-core machine needs minutes)
+DEMO_TIMEOUT_S = float(os.environ.get("WEATHER_PIPELINE_DEMO_TIMEOUT_S", "900"))
+#: how long the daemon and its code server may take to come up
+READY_TIMEOUT_S = 600.0
+#: the catalog overlay that makes the demo's models publish just the demo's hours
+DEMO_CATALOG = "demo-catalog.toml"
 
 
 def _say(msg: str) -> None:
@@ -48,7 +64,63 @@ def _materialized(instance: DagsterInstance, asset: str, keys: set[str]) -> set[
     return keys & set(instance.get_materialized_partitions(AssetKey(asset)))
 
 
-def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int]) -> int:
+def demo_catalog_overlay(plan: dict[str, tuple[str, list[int]]]) -> str:
+    """A catalog overlay in which each demo model's runs have exactly the demo's hours."""
+    catalog = load_catalog()
+    lines = ["# Written by `weather-pipeline demo`: the demo's mirror publishes these forecast hours of",
+             "# every run, so a run is complete once they are in. `make dev` loads it too.", ""]
+    for name, (_run, hours) in plan.items():
+        model = catalog.model(name)
+        lines += [f"[models.{name}]", "horizons = [{run_hours = \"%s\", forecast_hours = \"%s\"}]"
+                  % (",".join(map(str, model.run_hours)), ",".join(map(str, sorted(hours)))), ""]
+    return "\n".join(lines)
+
+
+def _worker_pid(instance: DagsterInstance, run_id: str) -> int | None:
+    for rec in instance.all_logs(run_id, of_type=DagsterEventType.ENGINE_EVENT):
+        if rec.message and rec.message.startswith("Started process for run (pid: "):
+            return int(rec.message.split("pid: ")[1].rstrip(")."))
+    return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def release_abandoned_runs(instance: DagsterInstance) -> list[str]:
+    """Mark failed the runs left STARTING/STARTED/CANCELING whose worker process is gone.
+
+    Called only when no daemon serves the instance: then nothing will ever finish them, and
+    ScanSource would see their hours as in flight for hours (until run monitoring's max runtime).
+    """
+    released = []
+    stuck = [DagsterRunStatus.STARTING, DagsterRunStatus.STARTED, DagsterRunStatus.CANCELING]
+    for run in instance.get_runs(RunsFilter(statuses=stuck)):
+        if _alive(_worker_pid(instance, run.run_id)):
+            continue
+        instance.report_engine_event("the run's worker is gone (a stopped demo or daemon): marked failed by "
+                                     "`weather-pipeline demo` so its hours can be fetched again", run)
+        instance.report_run_failed(run)
+        released.append(run.run_id)
+    return released
+
+
+def _daemon_serving(instance: DagsterInstance) -> bool:
+    beats = instance.get_daemon_heartbeats()
+    newest = max((b.timestamp for b in beats.values()), default=None)
+    return newest is not None and time.time() - newest < 60
+
+
+def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int], *,
+             timeout_s: float = DEMO_TIMEOUT_S) -> int:
     t_start = time.monotonic()
     if not os.environ.get("DAGSTER_HOME"):
         print("weather-pipeline demo: DAGSTER_HOME is not set; run `make demo` (it points DAGSTER_HOME at ./.dagster_home)",
@@ -62,6 +134,10 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
     for name, (run, hours) in plan.items():
         for h in hours:
             catalog.model(name).validate_hour(run, h)
+    home = Path(os.environ["DAGSTER_HOME"])
+    overlay = home / DEMO_CATALOG
+    overlay.write_text(demo_catalog_overlay(plan))
+    os.environ[OVERLAY_ENV] = str(overlay)  # this process's own reads (summary, status) agree
 
     _say(f"[1/4] generating the local mirror under {mirror_root}")
     for name, (run, hours) in plan.items():
@@ -74,11 +150,20 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
         _say(f"      {name} {run}: {len(todo)} hours in {time.monotonic() - t0:.1f} s")
 
     instance = DagsterInstance.get()
+    if _daemon_serving(instance):
+        print(f"weather-pipeline demo: a Dagster daemon is already serving {home} (is `make dev` running?); "
+              "stop it first, or watch it work in the UI", file=sys.stderr)
+        return 2
+    released = release_abandoned_runs(instance)
+    if released:
+        _say(f"      {len(released)} runs left running by an earlier, stopped demo were marked failed: "
+             "their hours are fetched again (such failures never count as failed attempts)")
     wanted = {name: {str(partition_key(run, h)) for h in hours} for name, (run, hours) in plan.items()}
     with MirrorServer(mirror_root) as server:
         _say(f"[2/4] mirror serving at {server.url}")
         env = {
             **os.environ,
+            OVERLAY_ENV: str(overlay),
             "WEATHER_PIPELINE_SOURCES": "mirror",
             "WEATHER_PIPELINE_MIRROR_URL": server.url,
             "WEATHER_PIPELINE_CACHE": str(cache_root),
@@ -87,9 +172,10 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
             "WEATHER_PIPELINE_SCAN_INTERVAL_S": "5",
             "WEATHER_PIPELINE_STATUS_INTERVAL_S": "5",
         }
-        _say(f"[3/4] starting the Dagster daemon on {os.environ['DAGSTER_HOME']}: sensors scan the mirror, "
+        _say(f"[3/4] starting the Dagster daemon on {home}: sensors scan the mirror, "
              "the run queue launches ingest and tile runs")
-        log_path = Path(os.environ["DAGSTER_HOME"]) / "demo-daemon.log"
+        log_path = home / "demo-daemon.log"
+        layout = CacheLayout(cache_root)
         last = [""]
 
         def progress() -> None:
@@ -105,21 +191,45 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int])
                 _say(line)
                 last[0] = line
 
+        def in_flight() -> int:
+            return instance.get_runs_count(RunsFilter(statuses=IN_FLIGHT, created_after=now))
+
         def finished() -> bool:
             # every hour tiled, and no run still working (a tile run writes its run tiles after
             # recording its hours): the daemon is never stopped under a run of ours
             return (all(_materialized(instance, tile_asset_name(n), keys) == keys for n, keys in wanted.items())
-                    and not instance.get_runs_count(RunsFilter(statuses=IN_FLIGHT, created_after=now)))
+                    and not in_flight())
 
+        def ready() -> bool:
+            # the deep_status sensor has written since we started: the daemon runs, its code
+            # server has loaded the code location, and sensors are being evaluated
+            try:
+                return layout.deep_status_path.stat().st_mtime >= started_at
+            except FileNotFoundError:
+                return False
+
+        started_at = time.time()
+        layout.deep_status_path.unlink(missing_ok=True)
         with dagster_daemon(env, log_path=log_path):
-            ok = wait_for(finished, timeout=DEMO_TIMEOUT_S, interval=2.0, on_wait=progress)
+            t_ready = time.monotonic()
+            if not wait_for(ready, timeout=READY_TIMEOUT_S, interval=1.0):
+                _say(f"the daemon and its code server did not come up within {READY_TIMEOUT_S:.0f} s; see {log_path}")
+                return 1
+            _say(f"      daemon and code server ready after {time.monotonic() - t_ready:.0f} s; "
+                 f"waiting up to {timeout_s:.0f} s for the flow (--timeout)")
+            ok = wait_for(finished, timeout=timeout_s, interval=2.0, on_wait=progress)
+            if not ok and in_flight():
+                _say(f"      not done within {timeout_s:.0f} s; waiting for the {in_flight()} runs in flight to finish "
+                     "before stopping the daemon, so none is killed (Ctrl-C leaves them for the next `make demo`)")
+                wait_for(lambda: not in_flight(), timeout=max(timeout_s, 600.0), interval=2.0, on_wait=progress)
+                ok = finished()
             progress()
         if not ok:
-            _say(f"the daemon did not finish within {DEMO_TIMEOUT_S} s; see {log_path} and the runs in `make dev`")
+            _say(f"the flow did not finish within {timeout_s:.0f} s of the daemon being ready; see {log_path} and "
+                 "the runs in `make dev`. Running `make demo` again continues where this one stopped.")
             return 1
 
     _say("[4/4] summary (from the instance's materializations and the cache)")
-    layout = CacheLayout(cache_root)
     _say(f"      {'model':6} {'run':12} {'hours':>5} {'files':>5} {'MB':>8} {'requests':>8}")
     for name, (run, hours) in plan.items():
         records = instance.fetch_materializations(AssetKey(grib_asset_name(name)), limit=10_000).records

@@ -16,6 +16,7 @@ from typing import Iterable, Sequence
 from dagster import (
     AssetKey,
     AssetRecordsFilter,
+    DagsterEventType,
     DagsterRunStatus,
     DefaultSensorStatus,
     RunRequest,
@@ -103,14 +104,20 @@ def in_flight_hours(instance, model: Model, run: str, task: str) -> set[int]:
 
 
 def failed_attempts(instance, model: Model, run: str, hours: Iterable[int]) -> int:
-    """How many failed ingest runs already covered any of these hours (retries included)."""
+    """How many ingest runs covering any of these hours failed in their own step.
+
+    Only a step that ran and failed is an attempt at the hours: a run killed with its worker,
+    stopped with the daemon (a stopped demo), canceled or never launched says nothing about the
+    source, and Dagster's run retries deal with crashes. Those do not count toward giving up.
+    """
     wanted = set(hours)
     runs = instance.get_runs(
-        RunsFilter(statuses=[DagsterRunStatus.FAILURE, DagsterRunStatus.CANCELED],
+        RunsFilter(statuses=[DagsterRunStatus.FAILURE],
                    tags={MODEL_TAG: model.name, RUN_TAG: run, TASK_TAG: "ingest_grib"}),
         limit=50,
     )
-    return sum(1 for r in runs if wanted & set(hours_in_range_tags(r.tags, model)))
+    return sum(1 for r in runs if wanted & set(hours_in_range_tags(r.tags, model))
+               and instance.get_records_for_run(r.run_id, of_type=DagsterEventType.STEP_FAILURE, limit=1).records)
 
 
 def materialized_hours(instance, model: Model, run: str, asset_key: AssetKey) -> set[int]:

@@ -113,10 +113,21 @@ def release_abandoned_runs(instance: DagsterInstance) -> list[str]:
     return released
 
 
+#: Dagster daemons write a heartbeat every 30 s
+HEARTBEAT_INTERVAL_S = 30.0
+
+
 def _daemon_serving(instance: DagsterInstance) -> bool:
-    beats = instance.get_daemon_heartbeats()
-    newest = max((b.timestamp for b in beats.values()), default=None)
-    return newest is not None and time.time() - newest < 60
+    """Whether another daemon serves the instance: a heartbeat newer than the last one we saw
+    appears within one heartbeat interval (a stopped daemon's last beat lingers for a while)."""
+    def newest() -> float | None:
+        return max((b.timestamp for b in instance.get_daemon_heartbeats().values()), default=None)
+
+    seen = newest()
+    if seen is None or time.time() - seen > 2 * HEARTBEAT_INTERVAL_S:
+        return False
+    _say(f"      a daemon beat {time.time() - seen:.0f} s ago; checking it has stopped (up to {HEARTBEAT_INTERVAL_S + 5:.0f} s)")
+    return wait_for(lambda: (newest() or 0) > seen, timeout=HEARTBEAT_INTERVAL_S + 5, interval=1.0)
 
 
 def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int], *,

@@ -114,7 +114,18 @@ def _read_failure(instance: DagsterInstance, run_id: str) -> tuple[str | None, d
             cause = data.error.cause or data.error
             return cause.message, {}
     records = instance.get_records_for_run(run_id, of_type=DagsterEventType.RUN_FAILURE, limit=1).records
-    return (records[0].event_log_entry.message if records else None), {}
+    message = records[0].event_log_entry.message if records else None
+    # A run failed "from outside the execution context" (a launch that timed out, a worker that
+    # died): the real cause is in the engine event Dagster logged just before.
+    if message is None or "from outside the execution context" in message or "crash" in message.lower():
+        engine = instance.get_records_for_run(run_id, of_type=DagsterEventType.ENGINE_EVENT, ascending=False,
+                                              limit=20).records
+        for rec in engine:
+            data = rec.event_log_entry.dagster_event.engine_event_data if rec.event_log_entry.dagster_event else None
+            if data is not None and data.error is not None:
+                cause = data.error.cause or data.error
+                return f"{rec.event_log_entry.message or ''} {cause.message}".strip(), {}
+    return message, {}
 
 
 def queue_facts(instance: DagsterInstance, now: datetime) -> QueueFacts:

@@ -93,16 +93,52 @@ query WeatherStatusRunChildren($runId: String!) {
 }
 """.strip()
 
-#: looks the run up first, so "not found" and "still running" get their own answers
+#: looks the run up first, so "not found" and "still running" get their own answers; a run
+#: without a repository origin (launched by `dagster asset materialize`) cannot be re-executed
+#: by Dagster and is launched afresh from what it ran (job, assets, partition tags)
 RUN_QUERY = """
 query WeatherStatusRunForRetry($runId: ID!) {
   runOrError(runId: $runId) {
     __typename
-    ... on Run { runId status jobName }
+    ... on Run {
+      runId status jobName rootRunId
+      repositoryOrigin { repositoryLocationName repositoryName }
+      assetSelection { path }
+      tags { key value }
+    }
     ... on Error { message }
   }
 }
 """.strip()
+
+#: where a job of that name can be launched (for runs without a repository origin)
+REPOSITORIES_QUERY = """
+query WeatherStatusRepositories {
+  repositoriesOrError {
+    __typename
+    ... on RepositoryConnection { nodes { name location { name } jobs { name } } }
+    ... on PythonError { message }
+  }
+}
+""".strip()
+
+LAUNCH_MUTATION = """
+mutation WeatherStatusLaunchRun($executionParams: ExecutionParams!) {
+  launchRun(executionParams: $executionParams) {
+    __typename
+    ... on LaunchRunSuccess { run { runId status } }
+    ... on Error { message }
+    ... on PythonError { className }
+    ... on RunConfigValidationInvalid { errors { message } }
+  }
+}
+""".strip()
+
+#: tags a fresh launch must not inherit: Dagster's own bookkeeping of the failed run
+_NOT_INHERITED = ("dagster/run_key", "dagster/sensor_name", "dagster/schedule_name", "dagster/backfill",
+                  "dagster/parent_run_id", "dagster/root_run_id", "dagster/is_resume_retry",
+                  "dagster/retry_number", "dagster/will_retry", "dagster/failure_reason", "dagster/auto_retry",
+                  ".dagster/", "dagster/code_location", "dagster/user", "dagster/from_ui")
 
 #: ``launchPipelineReexecution`` and ``launchRunReexecution`` are the same field in Dagster 1.13;
 #: the former is what Dagster's own UI and Python client send.
@@ -235,8 +271,11 @@ def reexecute_run(graphql_url: str, run_id: str, *, timeout: float = DEFAULT_GRA
     """Re-execute Dagster run ``run_id`` (all steps); return the new run's id.
 
     Looks the run up with ``runOrError`` (404 if Dagster does not know it, 409 unless it is
-    FAILURE or CANCELED), then sends ``launchPipelineReexecution(reexecutionParams:
-    {parentRunId, strategy: ALL_STEPS})``. Raises :class:`RetryError` with the HTTP status to
+    FAILURE or CANCELED, 409 if it was retried already), then sends
+    ``launchPipelineReexecution(reexecutionParams: {parentRunId, strategy: ALL_STEPS})``; a run
+    Dagster cannot re-execute (no repository origin: `dagster asset materialize`) is launched
+    afresh with ``launchRun`` from its job, assets and tags, linked to it as its retry. Raises
+    :class:`RetryError` with the HTTP status to
     answer and a message naming the problem.
     """
     found = _graphql(graphql_url, RUN_QUERY, {"runId": run_id}, timeout).get("runOrError") or {}
@@ -252,9 +291,15 @@ def reexecute_run(graphql_url: str, run_id: str, *, timeout: float = DEFAULT_GRA
     earlier = [r.get("runId") for r in children.get("results") or [] if r.get("runId")]
     if earlier:
         raise AlreadyRetried(run_id, str(earlier[0]))
+    if not found.get("repositoryOrigin"):
+        return _launch_afresh(graphql_url, found, timeout)
 
     result = _graphql(graphql_url, REEXECUTE_MUTATION, {"parentRunId": run_id}, timeout)
-    launched = result.get("launchPipelineReexecution") or {}
+    return _launched(run_id, result.get("launchPipelineReexecution") or {})
+
+
+def _launched(run_id: str, launched: dict[str, Any]) -> str:
+    """The new run's id from a launch mutation's answer, or RetryError with Dagster's own words."""
     kind = launched.get("__typename")
     if kind == "LaunchRunSuccess":
         new_id = (launched.get("run") or {}).get("runId")
@@ -270,6 +315,26 @@ def reexecute_run(graphql_url: str, run_id: str, *, timeout: float = DEFAULT_GRA
     else:
         detail = str(launched.get("message") or "no answer").strip()
     raise RetryError(502, f"Dagster did not re-execute run {run_id}: {kind or 'error'}: {detail[:500]}")
+
+
+def _launch_afresh(graphql_url: str, run: dict[str, Any], timeout: float) -> str:
+    """Launch the job, assets and partitions of a run Dagster cannot re-execute, as its retry."""
+    run_id, job = str(run.get("runId")), str(run.get("jobName"))
+    answer = _graphql(graphql_url, REPOSITORIES_QUERY, {}, timeout).get("repositoriesOrError") or {}
+    homes = [(r["location"]["name"], r["name"]) for r in answer.get("nodes") or []
+             if any(j.get("name") == job for j in r.get("jobs") or [])]
+    if not homes:
+        raise RetryError(502, f"no code location that Dagster serves has job {job!r} of run {run_id}")
+    location, repository = homes[0]
+    tags = [t for t in run.get("tags") or [] if not any(str(t.get("key", "")).startswith(p) for p in _NOT_INHERITED)]
+    root = run.get("rootRunId") or run_id
+    tags += [{"key": "dagster/parent_run_id", "value": run_id}, {"key": "dagster/root_run_id", "value": root}]
+    selector: dict[str, Any] = {"repositoryLocationName": location, "repositoryName": repository, "jobName": job}
+    if run.get("assetSelection"):
+        selector["assetSelection"] = [{"path": a["path"]} for a in run["assetSelection"]]
+    params = {"selector": selector, "executionMetadata": {"tags": tags, "parentRunId": run_id, "rootRunId": root}}
+    result = _graphql(graphql_url, LAUNCH_MUTATION, {"executionParams": params}, timeout)
+    return _launched(run_id, result.get("launchRun") or {})
 
 
 # -- the app ------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import jsonschema
 import pytest
-from dagster import DagsterRun, DagsterRunStatus, build_sensor_context, materialize
+from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_sensor_context, materialize
 
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import load_catalog
@@ -110,3 +110,26 @@ def test_example_document_matches_the_schema():
     broken = {**example, "health": "fine"}
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, SCHEMA)
+
+
+def test_a_run_failed_from_outside_shows_the_real_cause():
+    """A launch that timed out: Dagster logs the cause in an engine event, then a generic failure."""
+    import sys
+
+    from dagster import DagsterRun, DagsterRunStatus
+    from dagster._core.events import EngineEventData
+    from dagster._utils.error import serializable_error_info_from_exc_info
+
+    from weather_pipeline.orchestration.status import _read_failure
+
+    instance = DagsterInstance.ephemeral()
+    run = instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id="launch-failed", status=DagsterRunStatus.NOT_STARTED))
+    try:
+        raise TimeoutError("User code server request timed out due to taking longer than 60 seconds to complete.")
+    except TimeoutError:
+        error = serializable_error_info_from_exc_info(sys.exc_info())
+    instance.report_engine_event("Caught an unrecoverable error while dequeuing the run", run,
+                                 EngineEventData.engine_error(error))
+    instance.report_run_failed(run)
+    line, _ = _read_failure(instance, "launch-failed")
+    assert "User code server request timed out" in line and "from outside" not in line

@@ -138,7 +138,9 @@ class FakeDagster:
             if self.run_status is None:
                 found = {"__typename": "RunNotFoundError", "message": f"Run {run_id} could not be found."}
             else:
-                found = {"__typename": "Run", "runId": run_id, "status": self.run_status, "jobName": "hrrr_ingest_grib"}
+                found = {"__typename": "Run", "runId": run_id, "status": self.run_status, "jobName": "hrrr_ingest_grib",
+                         "rootRunId": None, "repositoryOrigin": {"repositoryLocationName": "loc", "repositoryName": "repo"},
+                         "assetSelection": [{"path": ["hrrr_grib"]}], "tags": [{"key": "model", "value": "hrrr"}]}
             return 200, {"data": {"runOrError": found}}
         if "runsOrError" in query:
             return 200, {"data": {"runsOrError": {"__typename": "Runs", "results": self.children}}}
@@ -469,7 +471,8 @@ def test_graphql_documents_are_valid_against_the_installed_dagster_schema() -> N
     from graphql import parse, validate
 
     schema = create_schema().graphql_schema
-    for document in (status_app.RUN_QUERY, status_app.CHILDREN_QUERY, status_app.REEXECUTE_MUTATION):
+    for document in (status_app.RUN_QUERY, status_app.CHILDREN_QUERY, status_app.REEXECUTE_MUTATION,
+                     status_app.REPOSITORIES_QUERY, status_app.LAUNCH_MUTATION):
         assert validate(schema, parse(document)) == [], document
     params = schema.get_type("ReexecutionParams").fields
     assert {"parentRunId", "strategy"} <= set(params)
@@ -496,7 +499,11 @@ def flaky_download():
 def failing_job():
     flaky_download()
 
-defs = dg.Definitions(jobs=[failing_job])
+@dg.asset(partitions_def=dg.StaticPartitionsDefinition(["a", "b"]))
+def flaky_asset():
+    raise Exception("GRIB download failed: HTTP 503")
+
+defs = dg.Definitions(jobs=[failing_job], assets=[flaky_asset])
 '''
 
 
@@ -554,6 +561,24 @@ def test_retry_reexecutes_a_failed_run_on_a_real_dagster_webserver(tmp_path: Pat
 
         run = DagsterInstance.from_config(str(home)).get_run_by_id(child)
         assert run.parent_run_id == parent and run.root_run_id == parent and run.job_name == "failing_job"
+
+        # A run launched by `dagster asset materialize` has no repository origin, so Dagster cannot
+        # re-execute it: Retry launches its job, assets and partition afresh, as its retry.
+        cli = subprocess.run([str(Path(sys.executable).parent / "dagster"), "asset", "materialize", "-f", "defs.py",
+                              "--select", "flaky_asset", "--partition", "b"], cwd=tmp_path,
+                             env={**os.environ, "DAGSTER_HOME": str(home)}, capture_output=True, text=True, timeout=180)
+        assert cli.returncode != 0
+        instance = DagsterInstance.from_config(str(home))
+        (cli_run,) = [r for r in instance.get_runs() if r.tags.get("dagster/partition") == "b"]
+        with served(status_file, dagster_url=dagster_url) as url:
+            status, body = call_json(f"{url}/api/runs/{cli_run.run_id}/retry", "POST", PAGE_HEADERS)
+            assert status == 202, body
+            again = call_json(f"{url}/api/runs/{cli_run.run_id}/retry", "POST", PAGE_HEADERS)
+            assert again[0] == 409 and again[1]["retried_as"] == body["new_run_id"]
+        assert wait_for(lambda: client.get_run_status(body["new_run_id"]) in finished, timeout=90, interval=0.3)
+        retry = DagsterInstance.from_config(str(home)).get_run_by_id(body["new_run_id"])
+        assert retry.tags["dagster/partition"] == "b" and retry.parent_run_id == cli_run.run_id
+        assert {k.to_user_string() for k in retry.asset_selection} == {"flaky_asset"}
     finally:
         stop_process_group(web)
 

@@ -49,8 +49,32 @@ def preview_png(data: np.ndarray, max_width: int = 320) -> bytes:
     return encode_png(colourize(data[::step, ::step]))
 
 
+def colour_bar_png(width: int = 320, height: int = 14) -> bytes:
+    """The colour ramp from the lowest value (left) to the highest (right)."""
+    ramp = np.tile(np.linspace(0.0, 1.0, width, dtype=np.float32), (height, 1))
+    return encode_png(colourize(ramp, 0.0, 1.0))
+
+
+def colour_bar_ticks(vmin: float, vmax: float, units: str, n: int = 5) -> str:
+    """Tick labels under the colour bar, evenly spaced from vmin to vmax, with the units."""
+    values = np.linspace(vmin, vmax, n)
+    return " · ".join(f"{v:.4g}" for v in values) + (f" {units}" if units else "")
+
+
 def preview_markdown(data: np.ndarray, title: str, units: str = "") -> str:
+    """The tile as an image, and under it a colour bar with its values and units."""
     finite = data[np.isfinite(data)]
-    scale = f" ({finite.min():.4g} to {finite.max():.4g} {units})" if finite.size else " (all missing)"
     b64 = base64.b64encode(preview_png(data)).decode()
-    return f"**{title}**{scale}\n\n![{title}](data:image/png;base64,{b64})"
+    width = preview_png_width(data)
+    if not finite.size:
+        return f"**{title}** (all missing)\n\n![{title}](data:image/png;base64,{b64})"
+    lo, hi = float(finite.min()), float(finite.max())
+    bar = base64.b64encode(colour_bar_png(width)).decode()
+    return (f"**{title}** ({lo:.4g} to {hi:.4g} {units})\n\n![{title}](data:image/png;base64,{b64})\n\n"
+            f"![colour bar, {lo:.4g} to {hi:.4g} {units}](data:image/png;base64,{bar})\n\n"
+            f"{colour_bar_ticks(lo, hi, units)} (left to right; transparent: no data)")
+
+
+def preview_png_width(data: np.ndarray, max_width: int = 320) -> int:
+    step = max(1, int(np.ceil(data.shape[1] / max_width)))
+    return len(range(0, data.shape[1], step))

@@ -169,7 +169,7 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         if availability:
             save_availability(cache.layout(), availability, now=now)
 
-        new_runs, requests, unreachable = [], [], set()
+        new_runs, requests, unreachable, gave_up = [], [], set(), []
         for avail in availability:
             if not avail.answered:
                 # No source could be asked: it is down, not empty. What we knew still stands
@@ -186,7 +186,10 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
             for batch in contiguous_batches(todo, model):
                 attempt = failed_attempts(instance, model, avail.run, batch)
                 if attempt >= MAX_AUTOMATIC_ATTEMPTS:
-                    context.log.warning(f"{model.name} {avail.run} hours {batch}: {attempt} failed runs; left to gap fill")
+                    note = (f"{avail.run} hours {batch[0]}-{batch[-1]}: {attempt} failed runs, left to gap fill "
+                            "(weather-pipeline gaps plan)")
+                    context.log.warning(f"{model.name} {note}")
+                    gave_up.append(note)
                     continue
                 requests.append(RunRequest(
                     run_key=f"{model.name}:{avail.run}:{batch[0]:03d}-{batch[-1]:03d}:{attempt}",
@@ -207,7 +210,7 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
             return SensorResult(skip_reason=SkipReason(
                 f"checked {len(availability)} runs; nothing new "
                 f"({', '.join(f'{a.run}: {len(a.hours)}/{len(a.expected)} h' if a.answered else f'{a.run}: unreachable' for a in availability) or 'no runs'})"
-                + down
+                + down + ("; " + "; ".join(gave_up) if gave_up else "")
             ), cursor=new_cursor)
         return SensorResult(run_requests=requests, dynamic_partitions_requests=dynamic, cursor=new_cursor)
 

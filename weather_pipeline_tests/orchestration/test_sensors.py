@@ -67,15 +67,27 @@ def test_only_hours_neither_materialized_nor_in_flight_are_requested(setup):
 
 
 def test_repeatedly_failing_hours_are_left_to_gap_fill(setup):
+    from dagster import Failure, asset
+
     model, resources, scan, instance, _ = setup
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    tags = {"model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib", "dagster/partition": str(partition_key(HRRR_RUN, 1))}
+    # runs that failed from outside their step (a killed worker, a stopped demo) are no attempts
     for i in range(sensors.MAX_AUTOMATIC_ATTEMPTS):
-        instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id=f"failed-{i}", status=DagsterRunStatus.FAILURE,
-                                    tags={"model": "hrrr", "run": HRRR_RUN, "task": "ingest_grib",
-                                          "dagster/partition": str(partition_key(HRRR_RUN, 1))}))
-    reqs = _tick(scan, instance, resources).run_requests
+        instance.add_run(DagsterRun(job_name="hrrr_ingest_grib", run_id=f"killed-{i}", status=DagsterRunStatus.FAILURE,
+                                    tags=tags))
+    assert _tick(scan, instance, resources).run_requests
+
+    @asset(name="hrrr_grib")
+    def failing():
+        raise Failure("the source said no")
+
+    for _ in range(sensors.MAX_AUTOMATIC_ATTEMPTS):  # steps that ran and failed are
+        materialize([failing], instance=instance, raise_on_error=False, tags=tags)
+    result = _tick(scan, instance, resources)
     # Hours 0-2 form one batch that overlaps the failing hour: it has had its attempts.
-    assert reqs == []
+    assert result.run_requests == []
+    assert "hours 0-2: 3 failed runs, left to gap fill" in result.skip_reason.skip_message
 
 
 def test_newer_runs_get_higher_priority():

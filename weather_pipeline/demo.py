@@ -117,7 +117,11 @@ def release_abandoned_runs(instance: DagsterInstance) -> list[str]:
 HEARTBEAT_INTERVAL_S = 30.0
 
 
-def _daemon_serving(instance: DagsterInstance) -> bool:
+#: when the last demo stopped its daemon (so its lingering heartbeat is not taken for a live one)
+STOPPED_MARK = "demo-daemon.stopped"
+
+
+def _daemon_serving(instance: DagsterInstance, home: Path) -> bool:
     """Whether another daemon serves the instance: a heartbeat newer than the last one we saw
     appears within one heartbeat interval (a stopped daemon's last beat lingers for a while)."""
     def newest() -> float | None:
@@ -126,6 +130,11 @@ def _daemon_serving(instance: DagsterInstance) -> bool:
     seen = newest()
     if seen is None or time.time() - seen > 2 * HEARTBEAT_INTERVAL_S:
         return False
+    try:
+        if seen <= float((home / STOPPED_MARK).read_text()) + 1:
+            return False  # the last beat is the one of the daemon the previous demo stopped
+    except (OSError, ValueError):
+        pass
     _say(f"      a daemon beat {time.time() - seen:.0f} s ago; checking it has stopped (up to {HEARTBEAT_INTERVAL_S + 5:.0f} s)")
     return wait_for(lambda: (newest() or 0) > seen, timeout=HEARTBEAT_INTERVAL_S + 5, interval=1.0)
 
@@ -161,7 +170,7 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int],
         _say(f"      {name} {run}: {len(todo)} hours in {time.monotonic() - t0:.1f} s")
 
     instance = DagsterInstance.get()
-    if _daemon_serving(instance):
+    if _daemon_serving(instance, home):
         print(f"weather-pipeline demo: a Dagster daemon is already serving {home} (is `make dev` running?); "
               "stop it first, or watch it work in the UI", file=sys.stderr)
         return 2
@@ -235,6 +244,7 @@ def run_demo(workdir: Path, hrrr_hours: Sequence[int], gfs_hours: Sequence[int],
                 wait_for(lambda: not in_flight(), timeout=max(timeout_s, 600.0), interval=2.0, on_wait=progress)
                 ok = finished()
             progress()
+        (home / STOPPED_MARK).write_text(f"{time.time():.3f}\n")
         if not ok:
             _say(f"the flow did not finish within {timeout_s:.0f} s of the daemon being ready; see {log_path} and "
                  "the runs in `make dev`. Running `make demo` again continues where this one stopped.")

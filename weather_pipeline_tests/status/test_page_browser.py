@@ -273,6 +273,7 @@ def test_stale_or_missing_document_is_announced(chromium: str, tmp_path: Path) -
     assert re.search(r"Status document is 1 min 4\d s old, daemon not writing", dom.by_id("banner").text)
     assert "not writing" in dom.by_id("m-daemon").text and "daemon alive" not in dom.by_id("m-daemon").text
     assert "tone-bad-border" in dom.by_id("metric-daemon").classes()
+    assert dom.by_id("m-workers").text.startswith("? / 4")
 
 
 def test_retry_button_launches_a_reexecution_and_shows_the_outcome(chromium: str, tmp_path: Path) -> None:

@@ -404,6 +404,9 @@ def message_identity(message: bytes | bytearray | memoryview, *, source: str = "
     except eccodes.CodesInternalError as exc:
         raise GribError(f"{source}: eccodes cannot parse the message headers: {exc}") from None
     try:
+        total = eccodes.codes_get(handle, "totalLength", int)
+        if total != len(message):
+            raise GribError(f"{source}: eccodes reads a total length of {total} bytes, framed {len(message)}")
         inventory = describe(handle)
         parameter = (
             eccodes.codes_get(handle, "discipline", int),

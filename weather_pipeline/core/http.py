@@ -31,6 +31,7 @@ worker for hours, and bodies are read in single system calls so signals are hand
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import random
@@ -43,7 +44,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.utils import parsedate_to_datetime
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import pybreaker
@@ -152,6 +153,9 @@ class HttpConfig:
     #: overall deadline of one transfer: this, plus its expected size at `min_transfer_rate`
     transfer_grace_s: float = 60.0
     min_transfer_rate: float = 256 * 1024
+    #: requests in flight at once to one server from this process, whatever the threads: the
+    #: concurrency of an hour's ranges and a batch's hours stays polite (FastHerbie opens up to 50)
+    max_connections_per_host: int = 8
 
 
 @dataclass
@@ -170,6 +174,19 @@ class FetchStats:
             self.bytes += nbytes
             self.retries += retries
             self.waited_for_rate_limit += waited
+
+
+_slots_lock = threading.Lock()
+_slots: dict[tuple[str, int], threading.BoundedSemaphore] = {}
+
+
+def _host_slots(server: str, limit: int) -> threading.BoundedSemaphore:
+    """The process-wide semaphore bounding requests in flight to one server."""
+    with _slots_lock:
+        key = (server, max(1, limit))
+        if key not in _slots:
+            _slots[key] = threading.BoundedSemaphore(key[1])
+        return _slots[key]
 
 
 def _parse_retry_after(value: str | None) -> float | None:
@@ -288,6 +305,7 @@ class _HostLimiter:
             bucket, raise_when_fail=False, max_delay=10 * Duration.MINUTE, retry_until_max_delay=True
         )
         self.host = host
+        self._lock = threading.Lock()
 
     @classmethod
     def get(cls, db_path: Path, host: str, limit: int, window_s: float) -> "_HostLimiter":
@@ -299,7 +317,11 @@ class _HostLimiter:
 
     def acquire(self) -> float:
         t0 = time.monotonic()
-        if not self._limiter.try_acquire(self.host):
+        # one thread at a time per bucket: pyrate-limiter's file lock is per thread, its
+        # connection is shared; a thread waiting for a slot holds the others, as the limit wants
+        with self._lock:
+            acquired = self._limiter.try_acquire(self.host)
+        if not acquired:
             raise FetchError(self.host, "rate limiter: no request slot within 10 minutes")
         return time.monotonic() - t0
 
@@ -315,6 +337,7 @@ class HttpClient:
     def __init__(self, config: HttpConfig | None = None, *, sleep: Callable[[float], None] = time.sleep):
         self.config = config or HttpConfig()
         self.stats = FetchStats()
+        self._meter = threading.local()  # per-thread extra counters (`metered`)
         self._sleep = sleep
         self._session = requests.Session()
         # Retries are ours (see module docstring), so the adapter must not retry by itself.
@@ -331,6 +354,28 @@ class HttpClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+    @contextlib.contextmanager
+    def metered(self, meter: FetchStats | None = None) -> Iterator[FetchStats]:
+        """Count this thread's requests in `meter` too (a fresh one by default), besides `stats`:
+        what one hour cost while other threads use the same client. Pass the same meter to the
+        threads working for one caller."""
+        previous = getattr(self._meter, "stats", None)
+        self._meter.stats = meter = meter if meter is not None else FetchStats()
+        try:
+            yield meter
+        finally:
+            self._meter.stats = previous
+
+    def current_meter(self) -> FetchStats | None:
+        """The meter this thread counts in (`metered`), to hand to helper threads."""
+        return getattr(self._meter, "stats", None)
+
+    def _count(self, **counts) -> None:
+        self.stats.add(**counts)
+        meter = getattr(self._meter, "stats", None)
+        if meter is not None:
+            meter.add(**counts)
 
     # -- public API ----------------------------------------------------------------------
     def exists(self, url: str) -> bool:
@@ -379,7 +424,7 @@ class HttpClient:
         waited = 0.0
         if limit:
             waited = _HostLimiter.get(self.config.rate_limit_db, host, int(limit), self.config.rate_window_s).acquire()
-        self.stats.add(requests=1, waited=waited)
+        self._count(requests=1, waited=waited)
 
     def _timeouts(self) -> tuple[float, float]:
         return (self.config.connect_timeout, self.config.read_timeout)
@@ -416,12 +461,28 @@ class HttpClient:
             except (requests.RequestException, ValueError) as exc:  # InvalidSchema, InvalidURL: our input
                 raise FetchError(url, f"cannot request it: {exc.__class__.__name__}: {exc}") from None
 
+        # Not `breaker.call(attempt)`: pybreaker holds the breaker's lock for the whole call, so
+        # every request to a server would wait for the one before it. The breaker is asked
+        # before the request and told its outcome after, each under its lock for an instant.
+        breaker = state.breaker
+        opened = breaker._state_storage.opened_at
+        if breaker.current_state == pybreaker.STATE_OPEN and opened:
+            until = opened + timedelta(seconds=breaker.reset_timeout)
+            if now < until:
+                raise CircuitOpen(url, server, until, state.memory.last_error)
         try:
-            return state.breaker.call(attempt)
+            resp = attempt()
+        except Exception as exc:  # noqa: BLE001 - told to the breaker, which re-raises it
+            outcome = exc
+        else:
+            outcome = None
+        try:
+            breaker.call(_outcome, outcome)
         except pybreaker.CircuitBreakerError:
-            opened = state.breaker._state_storage.opened_at or now
-            until = opened + timedelta(seconds=state.breaker.reset_timeout)
+            opened = breaker._state_storage.opened_at or now
+            until = opened + timedelta(seconds=breaker.reset_timeout)
             raise CircuitOpen(url, server, until, state.memory.last_error) from None
+        return resp
 
     def _send(self, method: str, url: str, headers: dict[str, str] | None = None) -> requests.Response:
         resp = self._request(method, url, headers)
@@ -505,7 +566,7 @@ class HttpClient:
             raise TransientError(url, f"body interrupted: {exc.__class__.__name__}: {exc}") from None
         finally:
             resp.close()
-            self.stats.add(nbytes=len(buf))
+            self._count(nbytes=len(buf))
         if expected is None and len(buf) > cap:
             raise ResponseTooLarge(url, f"response over the {cap} byte cap")
         if expected is not None and len(buf) != expected:
@@ -596,7 +657,7 @@ class HttpClient:
             raise TransientError(url, f"download interrupted after {done} bytes: {exc}") from None
         finally:
             resp.close()
-            self.stats.add(nbytes=done)
+            self._count(nbytes=done)
         if declared is not None and done != declared:
             raise TransientError(url, f"short body: got {done} of {declared} bytes")
         return done
@@ -618,7 +679,7 @@ class HttpClient:
             return isinstance(exc, TransientError) and not isinstance(exc, CircuitOpen)
 
         def before_sleep(state: RetryCallState) -> None:
-            self.stats.add(retries=1)
+            self._count(retries=1)
             log.warning("retrying %s after attempt %d: %s", url, state.attempt_number, state.outcome.exception())
 
         retrying = Retrying(
@@ -629,7 +690,23 @@ class HttpClient:
             sleep=self._sleep,
             reraise=True,
         )
-        return retrying(attempt)
+        try:
+            server = server_of(url)
+        except ValueError:
+            server = url  # malformed: the attempt itself says so
+        slots = _host_slots(server, self.config.max_connections_per_host)
+
+        def bounded():
+            with slots:  # held for the whole attempt, body included; never during a backoff sleep
+                return attempt()
+
+        return retrying(bounded)
+
+
+def _outcome(exc: BaseException | None) -> None:
+    """A request's outcome, replayed through the breaker: raise what the request raised."""
+    if exc is not None:
+        raise exc
 
 
 def _never_connected(exc: BaseException) -> bool:

@@ -2,10 +2,16 @@
 
 For each variable the `.idx` says which messages to fetch; messages that sit next to each
 other (for any variable) are fetched in one Range request. The `.idx` is only a pointer: before
-anything is written, every fetched message is checked whole (framing, an eccodes decode and a
-plausible-value envelope) and its own header must say it is the field, run and forecast hour
-asked for (`check_identity`). Then all variable files of the hour are committed together, so
-the cache never holds a partial or mislabelled hour. When a source has the GRIB but no `.idx`,
+anything is written, every fetched message is checked whole from its headers (framing, the
+GRIB2 section chain, eccodes' own total length) and its header must say it is the field, run
+and forecast hour asked for (`check_identity`). Then all variable files of the hour are
+committed together, so the cache never holds a partial or mislabelled hour.
+
+Values are not decoded here: they are decoded once, where the tile is built, and the
+plausible-value envelope that catches damage inside a data section (GRIB2 has no checksum) is
+checked there on the array already decoded (`tiles._check_plausible`); a message that fails it
+is quarantined and its hour fetched again, never tiled. Decoding here as well cost half of the
+ingest's time (docs/benchmarks.md). When a source has the GRIB but no `.idx`,
 the whole file is downloaded once and indexed locally with eccodes (and checked the same way).
 
 Failures say what they are: HourNotPublished (no source has it), SourceUnreachable (a source
@@ -18,10 +24,11 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed, wait
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 from weather_pipeline.core import grib
 from weather_pipeline.core.cache import (
@@ -35,6 +42,7 @@ from weather_pipeline.core.cache import (
 )
 from weather_pipeline.core.catalog import Catalog, Model, Variable, load_catalog
 from weather_pipeline.core.http import (
+    FetchStats,
     HttpClient,
     NotFound,
     RetryLater,
@@ -150,11 +158,6 @@ def _slice(body: bytes, group: ByteRange, entry: IdxEntry) -> bytes:
     return body[lo:hi]
 
 
-def plausible_envelope(var: Variable) -> tuple[float, float] | None:
-    """The values a decoded message of `var` may hold (catalog: `Variable.plausible_range`)."""
-    return var.plausible_range
-
-
 def check_identity(var: Variable, identity: grib.MessageIdentity, run_time: datetime, hour: int) -> list[str]:
     """Why `identity` (a message's own header) is not `var` at `run_time` + `hour`; [] if it is.
 
@@ -188,15 +191,17 @@ def _h(value: float | None) -> str:
 
 
 def _verify_group(data: bytes, group: ByteRange, variable_at: dict[int, Variable], source: str) -> None:
-    """Every wanted message in a fetched range: framed, decodable, values plausible."""
+    """Every wanted message in a fetched range, from its headers: framed where the `.idx` says,
+    and its GRIB2 sections chained to its `7777` (a failure here is retried as a bad transfer)."""
     spans = grib.iter_message_spans(data, source=source)
     wanted = {start - group.start for start in variable_at if _starts_in(start, group)}
     if {s.offset for s in spans} != wanted:
         raise grib.GribError(f"{source}: messages at offsets {sorted(s.offset for s in spans)}, expected {sorted(wanted)}")
     for span in spans:
         var = variable_at[group.start + span.offset]
-        grib.verify_messages(data[span.offset : span.end], source=f"{source} ({var.name})", expected=1,
-                             valid_range=plausible_envelope(var))
+        if span.edition != 2:
+            raise grib.GribError(f"{source} ({var.name}): the message at byte {span.offset} is GRIB{span.edition}, not GRIB2")
+        grib.grib2_sections(memoryview(data)[span.offset : span.end], source=f"{source} ({var.name})", offset=span.offset)
 
 
 def _starts_in(start: int, group: ByteRange) -> bool:
@@ -234,13 +239,18 @@ def ingest_hour(
     run_time = model.validate_run(run)
     model.validate_hour(run, hour)
     selected = model.select_variables(list(variables) if variables else None)
-    stats_before = (client.stats.requests, client.stats.bytes, client.stats.retries)
     say = progress or (lambda msg: None)
+    with client.metered() as meter:  # this hour's requests, while other hours share the client
+        return _ingest_hour(model, run, run_time, hour, selected, cache, client, settings, allow_full_download,
+                            catalog, now, say, meter, t0, started)
 
+
+def _ingest_hour(model: Model, run: str, run_time: datetime, hour: int, selected: Sequence[Variable],
+                 cache: CacheLayout, client: HttpClient, settings: SourceSettings, allow_full_download: bool,
+                 catalog: Catalog, now: datetime | None, say: Callable[[str], None], meter: FetchStats,
+                 t0: float, started: float) -> IngestReport:
     def finish(report: IngestReport) -> IngestReport:
-        report.requests = client.stats.requests - stats_before[0]
-        report.bytes_fetched = client.stats.bytes - stats_before[1]
-        report.retries = client.stats.retries - stats_before[2]
+        report.requests, report.bytes_fetched, report.retries = meter.requests, meter.bytes, meter.retries
         report.duration_s = round(time.monotonic() - t0, 3)
         return report
 
@@ -287,6 +297,50 @@ def ingest_hour(
     if "inconsistent" in kinds:
         raise SourceInconsistent(f"{what}: {tried}")
     raise HourNotPublished(f"{what} is not published on any source: {tried}")
+
+
+#: hours of a batch fetched at once; their requests share the client's per-server bound
+HOURS_AT_ONCE = 4
+
+
+class HourBatch:
+    """Hours of one model ingested concurrently (`ingest_hours`); iterate for (run, hour, report
+    or the exception) as each ends. `cancel_pending()` (a full disk: every later hour would fail
+    too) drops the hours not started; those in flight still end and are still yielded, so no
+    committed hour goes unreported. Use it as a context manager: leaving waits for every thread."""
+
+    def __init__(self, model_name: str, hours: Sequence[tuple[str, int]], hours_at_once: int,
+                 client: HttpClient, kwargs: dict):
+        self._pool = ThreadPoolExecutor(max_workers=max(1, min(hours_at_once, len(hours))),
+                                        thread_name_prefix="hours")
+        self._futures = {self._pool.submit(ingest_hour, model_name, run, hour, client=client, **kwargs): (run, hour)
+                         for run, hour in hours}
+        self.cancelled: list[tuple[str, int]] = []
+
+    def __iter__(self) -> Iterator[tuple[str, int, IngestReport | BaseException]]:
+        for future in as_completed(self._futures):
+            if future.cancelled():
+                continue
+            run, hour = self._futures[future]
+            exc = future.exception()
+            yield run, hour, exc if exc is not None else future.result()
+
+    def cancel_pending(self) -> list[tuple[str, int]]:
+        self.cancelled += [rh for f, rh in self._futures.items() if f.cancel()]
+        return self.cancelled
+
+    def __enter__(self) -> "HourBatch":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+def ingest_hours(model_name: str, hours: Sequence[tuple[str, int]], *, hours_at_once: int = HOURS_AT_ONCE,
+                 client: HttpClient, **kwargs) -> HourBatch:
+    """Ingest (run, hour) pairs of one model, `hours_at_once` at a time; see `HourBatch`. The
+    keyword arguments are `ingest_hour`'s."""
+    return HourBatch(model_name, hours, hours_at_once, client, kwargs)
 
 
 def _written_meanwhile(model: Model, run: str, hour: int, selected: Sequence[Variable], cache: CacheLayout,
@@ -360,24 +414,28 @@ def _ingest_from(
         index_bytes=0 if whole is not None else len(idx_text.encode()),
     )
 
-    # Fetch each contiguous group once; verify every message in it before keeping it.
+    # Fetch each contiguous group once (concurrently, bounded per server by the client); check
+    # every message in it from its headers before keeping it.
     variable_at = {e.start: model.variable(name) for name, es in wanted.items() for e in es}
-    bodies: dict[ByteRange, bytes] = {}
-    for group in groups:
-        check = lambda data, g=group: _verify_group(data, g, variable_at, f"{url} [{g.header}]")  # noqa: E731
+
+    def fetch(group: ByteRange) -> bytes:
+        def check(data: bytes) -> None:
+            _verify_group(data, group, variable_at, f"{url} [{group.header}]")
+
         if whole is not None:
             end = len(whole) if group.end is None else group.end + 1
             body = whole[group.start:end]
             check(body)
-        else:
-            cap = MAX_MESSAGE_BYTES * sum(1 for e in all_entries if _in_group(e, group))
-            try:
-                body = client.get_bytes(url, group, validate=check, max_bytes=cap)
-            except NotFound as exc:
-                raise SourceInconsistent(f"{choice.source}: the .idx is there but the GRIB is not ({exc.reason}); "
-                                         "the source is mid-publication or inconsistent") from None
-            report.grib_requests += 1
-        bodies[group] = body
+            return body
+        cap = MAX_MESSAGE_BYTES * sum(1 for e in all_entries if _in_group(e, group))
+        try:
+            return client.get_bytes(url, group, validate=check, max_bytes=cap)
+        except NotFound as exc:
+            raise SourceInconsistent(f"{choice.source}: the .idx is there but the GRIB is not ({exc.reason}); "
+                                     "the source is mid-publication or inconsistent") from None
+
+    bodies = dict(zip(groups, _each(fetch, groups, client)))
+    report.grib_requests = 0 if whole is not None else len(groups)
 
     # Identity, then one commit of every variable file of the hour.
     files: list[tuple[Path, bytes]] = []
@@ -415,6 +473,24 @@ def _ingest_from(
     commit_files(files)
     say(f"{model.name} {run} f{hour:03d}: {len(report.variables)} variables from {choice.source}")
     return report
+
+
+def _each(fn: Callable[[ByteRange], bytes], groups: Sequence[ByteRange], client: HttpClient) -> list[bytes]:
+    """`fn` over the groups, in threads that count in the caller's meter; the first failure (in
+    group order) is raised once every started request has ended, so nothing runs on behind it."""
+    if len(groups) < 2:
+        return [fn(g) for g in groups]
+    meter = client.current_meter()
+
+    def run(group: ByteRange) -> bytes:
+        with client.metered(meter):
+            return fn(group)
+
+    with ThreadPoolExecutor(max_workers=min(len(groups), client.config.max_connections_per_host),
+                            thread_name_prefix="ranges") as pool:
+        futures = [pool.submit(run, g) for g in groups]
+        wait(futures)
+    return [f.result() for f in futures]
 
 
 def verify_hour_files(model: Model, run: str, hour: int, cache: CacheLayout,

@@ -15,12 +15,14 @@ from __future__ import annotations
 import json
 import os
 import time
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import eccodes
 import numpy as np
 
 from weather_pipeline.core import grib
@@ -181,11 +183,15 @@ def _up_to_date(path: Path, md5: str, method: str) -> dict[str, Any] | None:
     return None
 
 
-def _decode(data: bytes, path: Path) -> grib.Field:
+def _decode(cache: CacheLayout, model: Model, run: str, hour: int, var: Variable, data: bytes, path: Path) -> grib.Field:
+    """The one value decode of a cached GRIB; one that cannot be decoded is quarantined."""
     try:
         return grib.read_field(data, describe_field=False)
-    except (grib.GribError, IndexError) as exc:
-        raise TileError(f"cannot decode {path}: {exc}") from None
+    except (grib.GribError, IndexError, eccodes.CodesInternalError) as exc:
+        moved = quarantine(cache, path)
+        raise GribNeedsRefetch(
+            f"{model.name} {run} f{hour:03d} {var.name}: cannot decode {path} ({type(exc).__name__}: {exc}); "
+            f"moved to {moved}, the hour must be ingested again", var.name, path, moved) from None
 
 
 def build_hour(
@@ -207,7 +213,7 @@ def build_hour(
     second then finds the tiles up to date). `expected_md5` (variable -> md5, what the ingest recorded) is checked before a GRIB is used:
     a GRIB that changed on disk since it was verified is quarantined and GribNeedsRefetch
     raised. So is one whose decoded values fall outside the variable's plausible envelope
-    (`ingest.plausible_envelope`): the tile is never built from it.
+    (`Variable.plausible_range`; ingest does not decode values, so this is the only decode): the tile is never built from it.
     """
     catalog = catalog or load_catalog()
     model = catalog.model(model_name)
@@ -267,7 +273,7 @@ def _build_hour(model: Model, run: str, hour: int, cache: CacheLayout, method: s
     grids: dict[str, SourceGrid] = {}
     t0 = time.perf_counter()
     for name, (_md5, data) in todo.items():
-        f = _decode(data, gribs[name])
+        f = _decode(cache, model, run, hour, model.variables[name], data, gribs[name])
         _check_plausible(cache, model, run, hour, model.variables[name], f.values, gribs[name])
         fields[name], grids[name] = f.values, SourceGrid(f.grid_keys)
     for name in todo:
@@ -298,18 +304,23 @@ def _build_hour(model: Model, run: str, hour: int, cache: CacheLayout, method: s
 def _check_plausible(cache: CacheLayout, model: Model, run: str, hour: int, var: Variable, values: np.ndarray,
                      path: Path) -> None:
     """Quarantine a GRIB whose decoded values cannot be real (corruption eccodes did not notice)."""
-    envelope = var.plausible_range
-    if envelope is None:
-        return
-    finite = values[np.isfinite(values)]
-    if not finite.size:
-        return
-    vmin, vmax = float(finite.min()), float(finite.max())
-    if vmin < envelope[0] or vmax > envelope[1]:
+    why = None
+    if values.ndim != 2:
+        why = f"decodes to {values.size} values that do not fill its grid"
+    else:
+        with warnings.catch_warnings():  # an all-missing field is NaN throughout: nothing to check
+            warnings.simplefilter("ignore", RuntimeWarning)
+            vmin, vmax = float(np.nanmin(values)), float(np.nanmax(values))  # missing points are NaN
+        if not (np.isfinite(vmin) and np.isfinite(vmax)):
+            why = "decodes to infinite values" if np.isinf([vmin, vmax]).any() else None
+        elif var.plausible_range and (vmin < var.plausible_range[0] or vmax > var.plausible_range[1]):
+            why = (f"decodes to values in [{vmin:g}, {vmax:g}], outside the plausible "
+                   f"[{var.plausible_range[0]:g}, {var.plausible_range[1]:g}]")
+    if why:
         moved = quarantine(cache, path)
         raise GribNeedsRefetch(
-            f"{model.name} {run} f{hour:03d} {var.name}: {path} decodes to values in [{vmin:g}, {vmax:g}], outside "
-            f"the plausible [{envelope[0]:g}, {envelope[1]:g}]: corrupt; moved to {moved}, the hour must be ingested again",
+            f"{model.name} {run} f{hour:03d} {var.name}: {path} {why}: corrupt; moved to {moved}, the hour must be "
+            "ingested again",
             var.name, path, moved)
 
 

@@ -265,21 +265,38 @@ def truncated(world: World) -> Outcome:
 
 
 def corrupt_framing(world: World) -> Outcome:
-    return _fault_then_ingest(world, "*wrfsfcf01.grib2", "corrupt", "corrupt body caught by the checks, refetched",
-                              count=64)
+    return _fault_then_ingest(world, "*wrfsfcf01.grib2", "corrupt", "corrupt body caught by the header checks, refetched",
+                              count=1 << 30)
 
 
 def corrupt_data_section(world: World) -> Outcome:
-    with world.serve() as server:
-        server.faults.add("*wrfsfcf01.grib2", "corrupt", count=16)
-        return survived(lambda: world.ingest(server, 1, variables=["t2m"]),
-                        lambda r: None if r.retries == 1 else f"{r.retries} retries",
-                        "damage inside the data section caught by the value envelope, refetched")
+    """Ingest reads headers only; the tile build (the one decode) catches the damage, quarantines
+    the GRIB, the hour is fetched again and tiled from good bytes."""
+    from weather_pipeline.core.tiles import GribNeedsRefetch, build_hour
+
+    def md5s(report) -> dict[str, str]:
+        return {v.variable: v.md5 for v in report.variables}
+
+    def ingest_tile_refetch_tile():
+        with world.serve() as server:
+            server.faults.add("*wrfsfcf01.grib2", "corrupt", count=16)
+            first = world.ingest(server, 1, variables=["t2m"])
+            try:
+                build_hour("hrrr", HRRR_RUN, 1, world.cache, variables=["t2m"], regions=["kansas"],
+                           expected_md5=md5s(first))
+            except GribNeedsRefetch:
+                again = world.ingest(server, 1, variables=["t2m"])
+                return build_hour("hrrr", HRRR_RUN, 1, world.cache, variables=["t2m"], regions=["kansas"],
+                                  expected_md5=md5s(again))
+            raise AssertionError("the damaged GRIB was tiled")
+
+    return survived(ingest_tile_refetch_tile, lambda r: None if r.built else "nothing built",
+                    "damage inside the data section caught at the one decode (tile build), quarantined, refetched, tiled")
 
 
 def persistent_corruption(world: World) -> Outcome:
     with world.serve() as server:
-        server.faults.add("*wrfsfcf01.grib2", "corrupt", times=None)
+        server.faults.add("*wrfsfcf01.grib2", "corrupt", count=1 << 30, times=None)
         return refused(TransientError, lambda: world.ingest(server, 1), "content check failed",
                        hours=(("hrrr", HRRR_RUN, 1),), what="refused after the retries; nothing written")
 
@@ -599,8 +616,8 @@ FAST_CASES = [
     Case("trickling body", "GRIB body at 1 byte per 0.5 s (transfer deadline 3 s)", trickle),
     Case("connection reset", "TCP reset instead of an answer, once", connection_reset),
     Case("truncated body", "half the GRIB range, then the connection closes", truncated),
-    Case("corrupt body", "64 bytes flipped in a GRIB range", corrupt_framing),
-    Case("corrupt data section", "16 bytes flipped inside the t2m data section", corrupt_data_section),
+    Case("corrupt body", "every byte of a GRIB range flipped", corrupt_framing),
+    Case("corrupt data section", "16 bytes flipped inside the t2m data section (headers intact)", corrupt_data_section),
     Case("persistent corruption", "every GRIB range corrupted", persistent_corruption),
     Case("Range ignored", "200 and the whole file for every Range request", ignored_range),
     Case("redirect to another host", "302 to another host for the `.idx`", redirect_elsewhere),

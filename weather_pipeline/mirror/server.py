@@ -931,6 +931,7 @@ class MirrorServer:
         # wait until a response the client already has is also in the log.
         self._log_cond = threading.Condition()
         self._in_flight = 0
+        self._peak_in_flight = 0
         self._connections: set[socket.socket] = set()
         self._connections_lock = threading.Lock()
         self._stopping = threading.Event()
@@ -980,13 +981,21 @@ class MirrorServer:
         with self._log_cond:
             return self._in_flight
 
+    @property
+    def peak_in_flight(self) -> int:
+        """The most requests answered at once since the start (or `clear_log`)."""
+        with self._log_cond:
+            return self._peak_in_flight
+
     def clear_log(self) -> None:
         with self._log_cond:
             self._log.clear()
+            self._peak_in_flight = self._in_flight
 
     def _request_started(self) -> None:
         with self._log_cond:
             self._in_flight += 1
+            self._peak_in_flight = max(self._peak_in_flight, self._in_flight)
 
     def _request_finished(self, record: RequestRecord) -> None:
         with self._log_cond:

@@ -37,7 +37,7 @@ import numpy as np
 
 from weather_pipeline.core.cache import CacheLayout, CacheWriteError
 from weather_pipeline.core.catalog import InvalidRequest, Model, load_catalog
-from weather_pipeline.core.ingest import IngestReport, ingest_hour, is_transient, verify_hour_files
+from weather_pipeline.core.ingest import IngestReport, ingest_hours, is_transient, verify_hour_files
 from weather_pipeline.core.preview import preview_markdown
 from weather_pipeline.core.repairs import REBUILD, REFETCH, close_tickets, open_ticket
 from weather_pipeline.core.tiles import (
@@ -190,6 +190,7 @@ def build_grib_asset(model: Model, pool: str | None = None,
         if done:
             context.log.info(f"{len(done)} of {len(requested)} hours were committed by an earlier attempt; not fetched again")
         pending = [r for r in requested if r[0] not in done]
+        ok: set = set()
         with noaa.client() as client:
             for attempt, delay in enumerate((0.0, *retry_delays_s)):
                 if attempt:
@@ -198,37 +199,39 @@ def build_grib_asset(model: Model, pool: str | None = None,
                                         f"{wait:.0f} s (attempt {attempt + 1} of {len(retry_delays_s) + 1})")
                     time.sleep(wait)
                 retry: list = []
-                for i, (key, run, hour) in enumerate(pending, start=1):
-                    try:
-                        report = ingest_hour(
-                            model.name, run, hour, cache=layout, client=client, settings=settings,
-                            allow_full_download=noaa.allow_full_download,
+                keys = {(run, hour): key for key, run, hour in pending}
+                disk_full = False
+                batch = ingest_hours(
+                    model.name, [(run, hour) for _k, run, hour in pending], hours_at_once=noaa.hours_at_once,
+                    cache=layout, client=client, settings=settings, allow_full_download=noaa.allow_full_download,
+                )
+                with batch:
+                    for i, (run, hour, result) in enumerate(batch, start=1):
+                        key = keys[(run, hour)]
+                        if isinstance(result, BaseException):
+                            failures[str(key)] = f"{type(result).__name__}: {result}"
+                            context.log.error(f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d} failed: {result}")
+                            if isinstance(result, CacheWriteError):
+                                # a full disk fails every later hour too: start no more, retry none
+                                disk_full = True
+                                for r, h in batch.cancel_pending():
+                                    failures[str(keys[(r, h)])] = "not attempted: the cache could not be written"
+                            elif is_transient(result):
+                                retry.append((key, run, hour))
+                            continue
+                        failures.pop(str(key), None)
+                        # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
+                        context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
+                                                               metadata=ingest_metadata(result)))
+                        close_tickets(layout, model.name, run, hour, (REFETCH,))
+                        totals["bytes"] += result.bytes_fetched
+                        totals["requests"] += result.requests
+                        context.log.info(
+                            f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d}: {len(result.variables)} variables, "
+                            f"{result.message_bytes / 1e6:.2f} MB in {result.requests} requests from {result.source}"
+                            + (f" ({result.index})" if result.index != "remote .idx" else "")
                         )
-                    except Exception as exc:  # noqa: BLE001 - one bad hour must not hide the others' results
-                        failures[str(key)] = f"{type(exc).__name__}: {exc}"
-                        context.log.error(f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d} failed: {exc}")
-                        if isinstance(exc, CacheWriteError):
-                            # a full disk fails every later hour too: stop here, and do not retry
-                            failures.update({str(k): "not attempted: the cache could not be written"
-                                             for k, _r, _h in pending[i:]})
-                            retry = []
-                            break
-                        if is_transient(exc):
-                            retry.append((key, run, hour))
-                        continue
-                    failures.pop(str(key), None)
-                    # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
-                    context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
-                                                           metadata=ingest_metadata(report)))
-                    close_tickets(layout, model.name, run, hour, (REFETCH,))
-                    totals["bytes"] += report.bytes_fetched
-                    totals["requests"] += report.requests
-                    context.log.info(
-                        f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d}: {len(report.variables)} variables, "
-                        f"{report.message_bytes / 1e6:.2f} MB in {report.requests} requests from {report.source}"
-                        + (f" ({report.index})" if report.index != "remote .idx" else "")
-                    )
-                pending = retry
+                pending = [] if disk_full else retry
                 if not pending:
                     break
         if failures:

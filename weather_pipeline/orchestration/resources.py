@@ -11,6 +11,8 @@
 | WEATHER_PIPELINE_HTTP_BACKOFF_S| 1.0           | first backoff wait, doubled per attempt    |
 | WEATHER_PIPELINE_BREAKER_FAILURES | 3          | unreachable attempts that open a circuit   |
 | WEATHER_PIPELINE_BREAKER_COOLDOWN_S | 60       | how long an open circuit answers at once   |
+| WEATHER_PIPELINE_HOURS_AT_ONCE | 4             | hours of a batch fetched at once           |
+| WEATHER_PIPELINE_CONNECTIONS_PER_HOST | 8      | requests in flight per server (process)    |
 | WEATHER_PIPELINE_TILE_METHOD   | bilinear      | regridding method (bilinear or nearest)    |
 | WEATHER_PIPELINE_KEEP_GRIBS    | (catalog)     | "all", or models whose GRIBs to keep       |
 """
@@ -51,6 +53,9 @@ class NoaaSourceResource(ConfigurableResource):
     allow_full_download: bool = True
     breaker_failures: int = 3
     breaker_cooldown_s: float = 60.0
+    #: hours of a batch fetched at once, and requests in flight per server (all threads)
+    hours_at_once: int = 4
+    connections_per_host: int = 8
 
     def source_settings(self) -> SourceSettings:
         return SourceSettings.parse(self.sources, self.mirror_url or None)
@@ -67,6 +72,7 @@ class NoaaSourceResource(ConfigurableResource):
             breaker_failures=self.breaker_failures,
             breaker_cooldown_s=self.breaker_cooldown_s,
             redirect_hosts=redirect_hosts(settings),
+            max_connections_per_host=self.connections_per_host,
         )
 
     def client(self) -> HttpClient:
@@ -108,6 +114,8 @@ def resources_from_env(env: dict[str, str] | None = None) -> dict[str, Configura
             initial_backoff=float(env.get("WEATHER_PIPELINE_HTTP_BACKOFF_S", "1.0")),
             breaker_failures=int(env.get("WEATHER_PIPELINE_BREAKER_FAILURES", "3")),
             breaker_cooldown_s=float(env.get("WEATHER_PIPELINE_BREAKER_COOLDOWN_S", "60")),
+            hours_at_once=int(env.get("WEATHER_PIPELINE_HOURS_AT_ONCE", "4")),
+            connections_per_host=int(env.get("WEATHER_PIPELINE_CONNECTIONS_PER_HOST", "8")),
         ),
         "tiling": TileSettings(
             method=env.get("WEATHER_PIPELINE_TILE_METHOD", "bilinear"),

@@ -90,31 +90,75 @@ def test_missing_idx_without_full_downloads_writes_nothing(mirror, tmp_path):
     assert _all_files(tmp_path / "gribs") == []
 
 
-def test_corrupted_range_is_caught_by_verification_and_refetched(mirror, tmp_path):
-    mirror.faults.add("*.grib2", "corrupt", count=64)
+def test_a_broken_message_frame_is_refetched(mirror, tmp_path):
+    # every byte of the first GRIB range flipped: no `GRIB` where the .idx says a message starts
+    mirror.faults.add("*.grib2", "corrupt", count=1 << 30)
     report, client = _ingest(mirror, CacheLayout(tmp_path))
     assert report.retries == 1
     for v in report.variables:
         grib.verify_messages(open(v.path, "rb").read(), source=v.path, expected=1)
 
 
-def test_damage_inside_a_data_section_is_caught_by_the_value_envelope(mirror, tmp_path, monkeypatch):
-    """eccodes decodes flipped data bytes without complaint; the plausibility envelope does not."""
+def test_a_broken_section_chain_is_refetched(mirror, tmp_path):
+    """Damage to a section header (not the framing) is caught from the headers, without a decode."""
     from weather_pipeline.core import ingest
 
-    mirror.faults.add("*.grib2", "corrupt", count=16)  # middle of the one t2m message: its data section
-    report, _ = _ingest(mirror, CacheLayout(tmp_path / "checked"), variables=["t2m"])
-    assert report.retries == 1
-    values = grib.read_field(report.variables[0].path).values
-    assert 180 < float(values.min()) and float(values.max()) < 340
+    calls = []
+    real = grib.grib2_sections
+    monkey = pytest.MonkeyPatch()
 
-    # Without the envelope the same damage would be written to the cache as if it were data.
-    monkeypatch.setattr(ingest, "plausible_envelope", lambda var: None)
+    def sections(message, **kw):
+        calls.append(len(message))
+        if len(calls) == 1:  # the first message seen: as if its section 5 header were flipped
+            raise grib.GribError("found section 9 after section 4 (corrupted section header?)")
+        return real(message, **kw)
+
+    monkey.setattr(ingest.grib, "grib2_sections", sections)
+    try:
+        report, _ = _ingest(mirror, CacheLayout(tmp_path), variables=["t2m"])
+    finally:
+        monkey.undo()
+    assert report.retries == 1 and len(calls) >= 2
+
+
+def test_damage_inside_a_data_section_is_caught_where_values_are_decoded(mirror, tmp_path, monkeypatch):
+    """eccodes decodes flipped data bytes without complaint and ingest does not decode values:
+    the tile build, the one decode, checks the plausibility envelope, quarantines the GRIB and
+    asks for the hour again; the tile is never built from it."""
+    from weather_pipeline.core import tiles
+    from weather_pipeline.core.tiles import GribNeedsRefetch, build_hour
+
+    cache = CacheLayout(tmp_path / "checked")
+    mirror.faults.add("*.grib2", "corrupt", count=16)  # middle of the one t2m message: its data section
+    report, _ = _ingest(mirror, cache, variables=["t2m"])
+    assert report.retries == 0  # the headers are intact: nothing for ingest to see
+    md5 = {v.variable: v.md5 for v in report.variables}
+    with pytest.raises(GribNeedsRefetch, match="outside the plausible") as caught:
+        build_hour("hrrr", HRRR_RUN, 1, cache, variables=["t2m"], regions=["kansas"], expected_md5=md5)
+    assert caught.value.quarantined and caught.value.quarantined.is_file()
+    assert not cache.grib_path("hrrr", HRRR_RUN, "t2m", 1).exists()
+    assert not _all_files(tmp_path / "checked" / "tiles")
+    # the hour fetched again (the fault was once) tiles cleanly
+    report, _ = _ingest(mirror, cache, variables=["t2m"])
+    built = build_hour("hrrr", HRRR_RUN, 1, cache, variables=["t2m"], regions=["kansas"],
+                       expected_md5={v.variable: v.md5 for v in report.variables})
+    assert built.built and 180 < built.results[0].stats["min"] < built.results[0].stats["max"] < 340
+
+    # Without the envelope the same damage would be tiled as if it were data.
+    monkeypatch.setattr(tiles, "_check_plausible", lambda *a, **k: None)
     mirror.faults.add("*.grib2", "corrupt", count=16)
-    report, _ = _ingest(mirror, CacheLayout(tmp_path / "unchecked"), variables=["t2m"])
-    assert report.retries == 0
-    values = grib.read_field(report.variables[0].path).values
-    assert not (180 < float(values.min()) and float(values.max()) < 340)
+    unchecked = CacheLayout(tmp_path / "unchecked")
+    _ingest(mirror, unchecked, variables=["t2m"])
+    stats = build_hour("hrrr", HRRR_RUN, 1, unchecked, variables=["t2m"], regions=["kansas"]).results[0].stats
+    assert not (180 < stats["min"] and stats["max"] < 340)
+
+
+def test_ingest_does_not_decode_values(mirror, tmp_path, monkeypatch):
+    """Decode once: the value decode belongs to the tile build."""
+    monkeypatch.setattr(eccodes, "codes_get_values", lambda *a, **k: pytest.fail("ingest decoded values"))
+    monkeypatch.setattr(eccodes, "codes_get_array", lambda *a, **k: pytest.fail("ingest decoded values"))
+    report, _ = _ingest(mirror, CacheLayout(tmp_path))
+    assert len(report.variables) == 6
 
 
 def test_truncated_range_is_refetched(mirror, tmp_path):
@@ -124,7 +168,7 @@ def test_truncated_range_is_refetched(mirror, tmp_path):
 
 
 def test_persistent_corruption_fails_and_writes_nothing(mirror, tmp_path):
-    mirror.faults.add("*.grib2", "corrupt", times=None)
+    mirror.faults.add("*.grib2", "corrupt", count=1 << 30, times=None)
     with pytest.raises(TransientError, match="content check failed"):
         _ingest(mirror, CacheLayout(tmp_path))
     assert _all_files(tmp_path / "gribs") == []
@@ -189,3 +233,45 @@ def test_a_variable_chosen_by_name_only(mirror, tmp_path):
         assert eccodes.codes_get(h, "Nx") == 1799
     finally:
         eccodes.codes_release(h)
+
+
+def test_hours_of_a_batch_are_fetched_concurrently_within_the_per_server_bound(mirror, tmp_path):
+    from weather_pipeline.core.ingest import ingest_hours
+
+    serial_cache = CacheLayout(tmp_path / "serial")
+    serial = {h: _ingest(mirror, serial_cache, hour=h)[0] for h in (0, 1, 2)}
+    mirror.faults.add("*.grib2", "delay", seconds=0.3, times=None)  # every range answers slowly
+    mirror.clear_log()
+    client = HttpClient(HttpConfig(retry=RetryPolicy(max_attempts=3, initial_wait=0.01, jitter=0.01),
+                                   max_connections_per_host=3))
+    settings = SourceSettings(order=("mirror",), mirror_url=mirror.url)
+    with ingest_hours("hrrr", [(HRRR_RUN, h) for h in (0, 1, 2)], hours_at_once=3, client=client,
+                      cache=CacheLayout(tmp_path / "batch"), settings=settings, now=NOW) as batch:
+        results = {hour: result for _run, hour, result in batch}
+    assert not [r for r in results.values() if isinstance(r, BaseException)], results
+    assert 2 <= mirror.peak_in_flight <= 3  # concurrent, never more than the bound
+    for hour, report in results.items():
+        # each hour counts its own requests although three hours shared one client
+        assert report.requests == serial[hour].requests == report.grib_requests + 1
+        assert report.bytes_fetched == serial[hour].bytes_fetched
+        assert {v.variable: v.md5 for v in report.variables} == {v.variable: v.md5 for v in serial[hour].variables}
+    assert client.stats.requests == sum(r.requests for r in results.values())
+
+
+def test_cancel_pending_starts_no_more_hours_but_reports_those_in_flight(mirror, tmp_path):
+    from weather_pipeline.core.ingest import ingest_hours
+
+    mirror.faults.add("*.grib2", "delay", seconds=0.2, times=None)
+    settings = SourceSettings(order=("mirror",), mirror_url=mirror.url)
+    seen = []
+    # the mirror has three hours; the same hour asked twice over is fine for this (the hour lock)
+    hours = [(HRRR_RUN, h) for h in (0, 1, 2, 0, 1, 2)]
+    with ingest_hours("hrrr", hours, hours_at_once=2, client=_client(),
+                      cache=CacheLayout(tmp_path), settings=settings, now=NOW) as batch:
+        for _run, hour, result in batch:
+            seen.append(hour)
+            if len(seen) == 1:
+                cancelled = batch.cancel_pending()
+    # two in flight when the first ended (a third may have started as it finished): every hour
+    # is either reported or cancelled, none both, and most were never started
+    assert len(seen) + len(cancelled) == 6 and len(seen) <= 3 and len(seen) >= 2

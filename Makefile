@@ -24,8 +24,10 @@ $(UV):
 	$(PYTHON) -m venv $(TOOLS)
 	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
 
+# Bytecode compiled at install: with PYTHONDONTWRITEBYTECODE set (as on CI machines) every
+# Dagster process would otherwise compile ~1,900 modules from source, 1.4 s of each run's start.
 $(VENV)/.installed: $(UV) pyproject.toml uv.lock
-	$(UV) sync --frozen --group dev --python $(PYTHON)
+	$(UV) sync --frozen --group dev --python $(PYTHON) --compile-bytecode
 	@touch $@
 
 $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
@@ -33,6 +35,7 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	@ln -sf ../dagster.yaml $@
 
 install: $(VENV)/.installed $(DAGSTER_HOME)/dagster.yaml  ## create .venv from the lock file
+	@$(PY) -m compileall -q weather_pipeline
 
 demo: install  ## generate a mirror, serve it, ingest through Dagster, print a summary
 	$(VENV)/bin/weather-pipeline demo

@@ -11,9 +11,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import weather_pipeline  # noqa: F401  (native-library load order)
-from weather_pipeline.bench import automation, status, subsetting, tiles
+from weather_pipeline.bench import automation, herbie, status, subsetting, tiles
 
-SECTIONS = {"subsetting": subsetting.run, "tiles": tiles.run, "automation": automation.run, "status": status.run}
+SECTIONS = {"subsetting": subsetting.run, "herbie": herbie.run, "tiles": tiles.run, "automation": automation.run, "status": status.run}
 
 
 def merge_sections(document: str, sections: list[str]) -> str:

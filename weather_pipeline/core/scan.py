@@ -568,6 +568,41 @@ def _replaces(new: RunAvailability, old: RunAvailability) -> bool:
 # ------------------------------------------------------------------------------------------
 
 
+#: how long a run past its publish window is not asked again after a check that found it
+#: incomplete (the source is not expected to change it, but a late file is still found)
+SETTLED_RECHECK_S = 600
+
+
+def settled_availability(model: Model, runs: Sequence[str], saved: Mapping[str, RunAvailability],
+                         now: datetime) -> dict[str, RunAvailability]:
+    """The runs of `runs` whose saved availability still stands, so a tick need not ask the source:
+    a run complete at the source (nothing there can change), or one past its publish window whose
+    last answer came after that window closed, less than SETTLED_RECHECK_S ago. Every other run
+    (still publishing, never asked, or asked while unreachable) is listed again; so a tick costs
+    about one request per run that can still change."""
+    now = _aware_utc(now)
+    settled = {}
+    for run in runs:
+        old = saved.get(run)
+        if old is None or not old.answered or old.source is None or old.truncated or old.error:
+            continue
+        if old.complete:
+            settled[run] = old
+            continue
+        closed = parse_run_key(run) + timedelta(hours=model.publish_window_hours)
+        checked = _parse_checked_at(old.checked_at)
+        if checked is not None and checked >= closed and now - checked < timedelta(seconds=SETTLED_RECHECK_S):
+            settled[run] = old
+    return settled
+
+
+def _parse_checked_at(text: str) -> datetime | None:
+    try:
+        return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=timezone.utc)
+    except (TypeError, ValueError):
+        return None
+
+
 def contiguous_batches(hours: Sequence[int], model: Model) -> list[list[int]]:
     """Split hours into runs of neighbours in the model's hour sequence (`model.all_hours`).
 

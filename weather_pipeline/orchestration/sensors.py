@@ -30,7 +30,14 @@ from dagster import (
 
 from weather_pipeline.core.catalog import Model, parse_run_key
 from weather_pipeline.core.repairs import REBUILD, REFETCH, open_tickets
-from weather_pipeline.core.scan import candidate_runs, contiguous_batches, published_hours, save_availability
+from weather_pipeline.core.scan import (
+    candidate_runs,
+    contiguous_batches,
+    load_availability,
+    published_hours,
+    save_availability,
+    settled_availability,
+)
 from weather_pipeline.orchestration.assets import grib_asset_name
 from weather_pipeline.orchestration.jobs import (
     MODEL_TAG,
@@ -157,9 +164,13 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
         runs += [r for r in sorted(refetch, reverse=True) if r not in runs and r in retention]
         budget = scan_request_budget()
         settings = noaa.source_settings()
-        availability = []
+        # Runs complete at the source, or settled past their publish window, are not asked again.
+        settled = settled_availability(model, runs, load_availability(cache.layout(), model), now)
+        availability = list(settled.values())
         with noaa.client() as client:
             for run in runs:
+                if run in settled:
+                    continue
                 if client.stats.requests >= budget:
                     break
                 availability.append(

@@ -149,3 +149,39 @@ def test_a_refetch_ticket_requests_the_hour_again_even_when_materialized(setup):
     open_ticket(layout, "hrrr", HRRR_RUN, 1, "refetch", "md5 changed on disk")
     (req,) = _tick(scan, instance, resources).run_requests
     assert req.tags[RANGE_START] == req.tags[RANGE_END] == str(partition_key(HRRR_RUN, 1))
+
+
+def test_a_second_tick_asks_only_runs_that_can_still_change(setup, mirror):
+    """Quiet scanner: runs past their publish window that were answered after it closed are not
+    listed again for a while; runs still publishing are. Requests <= runs still publishing + 1."""
+    model, resources, scan, instance, layout = setup
+    first = _tick(scan, instance, resources)
+    mirror.clear_log()
+    second = _tick(scan, instance, resources, cursor=first.cursor)
+    listed = sorted(r.query for r in mirror.request_log if "list-type=2" in r.query)
+    runs = candidate_runs(model, NOW)
+    publishing = [r for r in runs if (NOW - datetime.strptime(r, "%Y%m%d_%H").replace(tzinfo=timezone.utc)).total_seconds()
+                  < model.publish_window_hours * 3600]
+    assert 0 < len(publishing) < len(runs)
+    assert len(mirror.request_log) == len(listed) == len(publishing)
+    assert all(any(f"{r[:8]}" in q for q in listed) for r in publishing)
+    # what was settled is still reported and saved, with its own age
+    assert set(load_availability(layout, "hrrr")) >= set(runs)
+    assert second.run_requests or second.skip_reason
+
+
+def test_a_run_complete_at_the_source_is_never_listed_again():
+    from weather_pipeline.core.scan import RunAvailability, format_checked_at, settled_availability
+
+    model = load_catalog().model("hrrr")
+    expected = tuple(range(19))
+    long_ago = format_checked_at(datetime(2026, 5, 12, 0, 40, tzinfo=timezone.utc))
+    saved = {
+        "20260512_00": RunAvailability("hrrr", "20260512_00", "aws", expected, expected, long_ago),
+        "20260512_01": RunAvailability("hrrr", "20260512_01", "aws", (0, 1), expected, long_ago),
+        "20260512_02": RunAvailability("hrrr", "20260512_02", "aws", expected, expected, long_ago,
+                                       unreachable=("aws",)),
+    }
+    settled = settled_availability(model, list(saved), saved, NOW)
+    # complete: kept; incomplete and checked inside its window: asked again; unreachable: asked again
+    assert set(settled) == {"20260512_00"}

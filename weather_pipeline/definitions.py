@@ -13,7 +13,7 @@ import os
 from dagster import Definitions, in_process_executor
 
 from weather_pipeline.core.catalog import load_catalog
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset, download_pool
+from weather_pipeline.orchestration.assets import build_model_assets, download_pool
 from weather_pipeline.orchestration.integrity import build_cache_checks, build_verify_cache_job, build_verify_cache_schedule
 from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
 from weather_pipeline.orchestration.resources import resources_from_env
@@ -30,7 +30,7 @@ def build_definitions(env: dict[str, str] | None = None) -> Definitions:
     verify_job = build_verify_cache_job(catalog.models.values())
     jobs.append(verify_job)
     for model in catalog.models.values():
-        assets += [build_grib_asset(model, pool=pool), build_tile_asset(model)]
+        assets.append(build_model_assets(model, pool=pool))
         checks += build_cache_checks(model)
         ingest, tiles = build_ingest_job(model), build_tile_job(model)
         jobs += [ingest, tiles]

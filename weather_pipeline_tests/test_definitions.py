@@ -14,8 +14,14 @@ def test_every_job_resolves_and_runs_what_its_task_means():
     for name in names:
         job = defs.resolve_job_def(name)  # raises like the code server would if a selection were bad
         checks = {k.name for k in job.asset_layer.asset_graph.asset_check_keys}
+        assets = {k.to_user_string() for k in job.asset_layer.asset_graph.get_all_asset_keys()
+                  if job.asset_layer.asset_graph.get(k).is_executable}
+        tile_checks = {"sidecar_md5_matches_grib", "values_within_physical_bounds", "nan_fraction_under_threshold"}
         if name.endswith("_ingest_grib"):
-            assert checks == set()  # verification runs in verify_cache, not after each ingest
+            # one run ingests and tiles; verification runs in verify_cache, not after each ingest
+            model = name.removesuffix("_ingest_grib")
+            assert {f"{model}_grib", f"{model}_tiles"} <= assets
+            assert checks == tile_checks
         elif name.endswith("_build_tile"):
             assert checks == {"sidecar_md5_matches_grib", "values_within_physical_bounds", "nan_fraction_under_threshold"}
         elif name == "verify_cache":

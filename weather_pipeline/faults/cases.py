@@ -484,7 +484,7 @@ def damaged_cache_repaired(world: World) -> Outcome:
     repair (re-materialization) brings every file back and the checks pass again."""
     from dagster import DagsterInstance, Definitions, materialize
 
-    from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset
+    from weather_pipeline.orchestration.assets import grib_only, tiles_only
     from weather_pipeline.orchestration import integrity
     from weather_pipeline.orchestration.partitions import partition_key
     from weather_pipeline.orchestration.resources import resources_from_env
@@ -499,12 +499,12 @@ def damaged_cache_repaired(world: World) -> Outcome:
                                             "WEATHER_PIPELINE_CACHE": str(cache.root), "WEATHER_PIPELINE_KEEP_GRIBS": "hrrr"})
             instance = DagsterInstance.ephemeral()
             instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-            grib, tiles = build_grib_asset(model), build_tile_asset(model)
+            grib, tiles = grib_only(model), tiles_only(model)
             tags = {"dagster/asset_partition_range_start": str(partition_key(HRRR_RUN, 0)),
                     "dagster/asset_partition_range_end": str(partition_key(HRRR_RUN, 1))}
             for asset in (grib, tiles):
-                materialize([asset], instance=instance, resources=resources, tags=tags)
-            defs = Definitions(assets=[grib, tiles], asset_checks=integrity.build_cache_checks(model),
+                materialize(**asset, instance=instance, resources=resources, tags=tags)
+            defs = Definitions(assets=grib["assets"], asset_checks=integrity.build_cache_checks(model),
                                jobs=[integrity.build_verify_cache_job([model])], resources=resources)
 
             def verify():
@@ -528,8 +528,8 @@ def damaged_cache_repaired(world: World) -> Outcome:
             named = json.dumps({k: v.metadata["damaged"].value for k, v in checks.items()})
             found = all(str(p) in named for p in (lost, tile, side))
             seconds = time.monotonic() - t0
-            materialize([grib], instance=instance, resources=resources, partition_key=str(partition_key(HRRR_RUN, 0)))
-            materialize([tiles], instance=instance, resources=resources, tags=tags)
+            materialize(**grib, instance=instance, resources=resources, partition_key=str(partition_key(HRRR_RUN, 0)))
+            materialize(**tiles, instance=instance, resources=resources, tags=tags)
             after = verify()
     finally:
         integrity._recent = real_recent  # type: ignore[assignment]
@@ -543,7 +543,7 @@ def partial_batch(world: World) -> Outcome:
     """A 3-hour batch whose middle hour fails: the other two are materialized with metadata."""
     from dagster import AssetKey, DagsterInstance, materialize
 
-    from weather_pipeline.orchestration.assets import build_grib_asset
+    from weather_pipeline.orchestration.assets import grib_only
     from weather_pipeline.orchestration.partitions import model_partitions, partition_key
     from weather_pipeline.orchestration.resources import resources_from_env
 
@@ -557,7 +557,7 @@ def partial_batch(world: World) -> Outcome:
         instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
         keys = [str(partition_key(HRRR_RUN, h)) for h in (0, 1, 2)]
         t0 = time.monotonic()
-        result = materialize([build_grib_asset(model)], instance=instance, resources=resources, raise_on_error=False,
+        result = materialize(**grib_only(model), instance=instance, resources=resources, raise_on_error=False,
                              tags={"dagster/asset_partition_range_start": keys[0],
                                    "dagster/asset_partition_range_end": keys[-1]})
         seconds = time.monotonic() - t0

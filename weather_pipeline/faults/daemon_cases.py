@@ -150,9 +150,9 @@ def kill_worker_mid_download(world: World) -> Outcome:
         # hour 2's ranges answer after 6 s: the worker is killed while it waits for them
         p.server.faults.add("*wrfsfcf02.grib2", "delay", seconds=6, times=None)
         p.start_daemon()
+        # hours are fetched concurrently: kill once hours 0 and 1 are recorded and hour 2 waits
         in_download = lambda: (p.started_run("hrrr_ingest_grib") is not None and  # noqa: E731
-                               any(r.path.endswith("wrfsfcf01.grib2") for r in p.server.answered_so_far)
-                               and p.server.in_flight > 0)
+                               {0, 1} <= p.materialized("hrrr_grib") and p.server.in_flight > 0)
         if not wait_for(in_download, WAIT_S, 0.2):
             return Outcome(False, "the ingest never reached hour 2", p.log_tail()[-300:])
         run = p.started_run("hrrr_ingest_grib")
@@ -176,18 +176,17 @@ def kill_worker_mid_tile_write(world: World) -> Outcome:
     p = Production(world)
     try:
         p.start_daemon()
-        if not wait_for(lambda: p.materialized("hrrr_grib") == {0, 1, 2, 3}, WAIT_S, 0.5):
-            return Outcome(False, "ingest did not finish", p.log_tail()[-300:])
-        # the tile run: kill its worker the moment an atomic write is in flight
+        # the run writing tiles (the ingest run tiles each hour as it lands; a tile run would
+        # too): kill its worker the moment an atomic tile write is in flight
         tiles = world.cache.tiles_root
         victim = None
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline and victim is None:
-            run = p.started_run("hrrr_build_tile")
+            run = p.started_run("hrrr_ingest_grib") or p.started_run("hrrr_build_tile")
             if run is not None and tiles.exists():
                 pid = p.worker_pid(run.run_id)
                 for d, _dirs, files in os.walk(tiles):
-                    if pid and any(f.startswith(TEMP_PREFIX) for f in files):
+                    if pid and f"{os.sep}hrrr{os.sep}" in d + os.sep and any(f.startswith(TEMP_PREFIX) for f in files):
                         os.kill(pid, signal.SIGKILL)
                         victim = (pid, d)
                         break
@@ -201,7 +200,8 @@ def kill_worker_mid_tile_write(world: World) -> Outcome:
         seconds = time.monotonic() - t0
         broken = _broken_tiles(world)
         temps = [str(x) for x in tiles.rglob(f"{TEMP_PREFIX}*")]
-        detail = (f"tile runs: {p.runs_summary('hrrr_build_tile')}; temp files after: {len(temps)}; "
+        detail = (f"ingest runs: {p.runs_summary('hrrr_ingest_grib')}; tile runs: {p.runs_summary('hrrr_build_tile')}; "
+                  f"temp files after: {len(temps)}; "
                   f"tiles that do not load: {len(broken)}")
         return Outcome(ok and not broken and not temps,
                        "killed mid-write; run retried; the dead writer's temp files swept; every tile loads"
@@ -225,7 +225,7 @@ def daemon_killed_and_restarted(world: World) -> Outcome:
         p.start_daemon()
         ok = wait_for(lambda: p.done("hrrr_tiles", {0, 1, 2, 3}), WAIT_S, 0.5)
         seconds = time.monotonic() - t0
-        return Outcome(ok, "the run in flight finished; the restarted daemon queued the tiles" if ok
+        return Outcome(ok, "the run in flight finished, tiles included" if ok
                        else "not recovered", f"ingest runs: {p.runs_summary('hrrr_ingest_grib')}; "
                        f"tile runs: {p.runs_summary('hrrr_build_tile')}", seconds)
     finally:
@@ -262,7 +262,9 @@ def overlapping_cli_materializations(world: World) -> Outcome:
     p = Production(world, hours=(0,))
     try:
         p.instance.add_dynamic_partitions("hrrr_runs", [p.run])
-        p.server.faults.add("*wrfsfcf00.grib2", "delay", seconds=1, times=None)
+        # the ranges of an hour are fetched concurrently: each answers after 8 s, so the first
+        # is still writing when the second (started 1 s later, a few s to start up) arrives
+        p.server.faults.add("*wrfsfcf00.grib2", "delay", seconds=8, times=None)
         t0 = time.monotonic()
         procs = [_cli_materialize(p, 0)]
         time.sleep(1.0)
@@ -312,7 +314,7 @@ def sigterm_during_trickle(world: World) -> Outcome:
 DAEMON_CASES = [
     Case("worker killed mid-download", "kill -9 of the ingest run's worker while it waits for a GRIB range",
          kill_worker_mid_download, slow=True, seed=False),
-    Case("worker killed mid-tile-write", "kill -9 of the tile run's worker while a tile's temp file exists",
+    Case("worker killed mid-tile-write", "kill -9 of the worker of the run writing tiles while a tile's temp file exists",
          kill_worker_mid_tile_write, slow=True, seed=False),
     Case("daemon killed and restarted", "kill -9 of dagster-daemon during an ingest run, restarted 3 s later",
          daemon_killed_and_restarted, slow=True, seed=False),

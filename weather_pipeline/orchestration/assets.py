@@ -16,8 +16,11 @@ that an earlier attempt of the same lineage already committed, once their files 
 
 import random
 import time
+from pathlib import Path
 import warnings
 from collections import defaultdict
+
+from typing import Iterator
 
 from dagster import (
     AssetExecutionContext,
@@ -25,12 +28,13 @@ from dagster import (
     AssetMaterialization,
     AssetRecordsFilter,
     AssetsDefinition,
+    AssetSpec,
     BackfillPolicy,
     BetaWarning,
     DagsterInstance,
     Failure,
     MetadataValue,
-    asset,
+    multi_asset,
 )
 
 import numpy as np
@@ -162,90 +166,82 @@ def _committed_in_lineage(context: AssetExecutionContext, model: Model, asset_ke
     return done
 
 
-def build_grib_asset(model: Model, pool: str | None = None,
-                     retry_delays_s: tuple[float, ...] = DOWNLOAD_RETRY_DELAYS_S) -> AssetsDefinition:
-    asset_key = AssetKey(grib_asset_name(model.name))
+def _tiled_in_lineage(context: AssetExecutionContext, tile_key: AssetKey, requested: list) -> set[str]:
+    """Partitions whose tiles an earlier attempt of this run's lineage materialized, files still there."""
+    lineage = run_lineage(context.instance, context.run.run_id)
+    latest = latest_materializations(context.instance, tile_key, [key for key, _r, _h in requested])
+    done = set()
+    for key, _run, _hour in requested:
+        rec = latest.get(key)
+        if rec is None or rec.run_id not in lineage:
+            continue
+        paths = rec.asset_materialization.metadata.get("tiles")
+        if paths is not None and all(Path(p).is_file() for p in paths.value):
+            done.add(key)
+    return done
 
-    @asset(
-        name=grib_asset_name(model.name),
-        group_name=model.name,
-        partitions_def=model_partitions(model),
-        backfill_policy=BackfillPolicy.single_run(),
-        pool=pool,
-        kinds={"grib2"},
-        output_required=False,
-        description=(
-            f"{model.title}: the default variables of each forecast hour as GRIB2 subsets, "
-            f"fetched by .idx byte ranges, at cache/gribs/{model.name}/{{run}}/{{variable}}/grib_{{hour:03d}}.grib2."
-        ),
-        tags={"model": model.name, "task": "ingest_grib"},
-    )
-    def _grib(context: AssetExecutionContext, cache: CacheResource, noaa: NoaaSourceResource):
-        requested = _validated(context, model)
-        layout = cache.layout()
-        settings = noaa.source_settings()
-        failures: dict[str, str] = {}
-        totals: dict[str, int] = defaultdict(int)
-        done = _committed_in_lineage(context, model, asset_key, requested, layout)
-        if done:
-            context.log.info(f"{len(done)} of {len(requested)} hours were committed by an earlier attempt; not fetched again")
-        pending = [r for r in requested if r[0] not in done]
-        ok: set = set()
-        with noaa.client() as client:
-            for attempt, delay in enumerate((0.0, *retry_delays_s)):
-                if attempt:
-                    wait = delay * random.uniform(0.75, 1.25)
-                    context.log.warning(f"{len(pending)} hours failed on transient trouble; trying them again in "
-                                        f"{wait:.0f} s (attempt {attempt + 1} of {len(retry_delays_s) + 1})")
-                    time.sleep(wait)
-                retry: list = []
-                keys = {(run, hour): key for key, run, hour in pending}
-                disk_full = False
-                batch = ingest_hours(
-                    model.name, [(run, hour) for _k, run, hour in pending], hours_at_once=noaa.hours_at_once,
-                    cache=layout, client=client, settings=settings, allow_full_download=noaa.allow_full_download,
-                )
-                with batch:
-                    for i, (run, hour, result) in enumerate(batch, start=1):
-                        key = keys[(run, hour)]
-                        if isinstance(result, BaseException):
-                            failures[str(key)] = f"{type(result).__name__}: {result}"
-                            context.log.error(f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d} failed: {result}")
-                            if isinstance(result, CacheWriteError):
-                                # a full disk fails every later hour too: start no more, retry none
-                                disk_full = True
-                                for r, h in batch.cancel_pending():
-                                    failures[str(keys[(r, h)])] = "not attempted: the cache could not be written"
-                            elif is_transient(result):
-                                retry.append((key, run, hour))
-                            continue
-                        failures.pop(str(key), None)
-                        # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
-                        context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
-                                                               metadata=ingest_metadata(result)))
-                        close_tickets(layout, model.name, run, hour, (REFETCH,))
-                        totals["bytes"] += result.bytes_fetched
-                        totals["requests"] += result.requests
-                        context.log.info(
-                            f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d}: {len(result.variables)} variables, "
-                            f"{result.message_bytes / 1e6:.2f} MB in {result.requests} requests from {result.source}"
-                            + (f" ({result.index})" if result.index != "remote .idx" else "")
-                        )
-                pending = [] if disk_full else retry
-                if not pending:
-                    break
-        if failures:
-            # Only transient trouble (the network, a server's 5xx) was tried again: a mismatched
-            # message, a full disk or an unpublished hour will not change in a minute. The hours
-            # that landed are materialized already.
-            raise _batch_failure(model, requested, failures, False, "IngestGrib")
-        context.log.info(
-            f"{model.name}: {len(requested)} hours, {totals['bytes'] / 1e6:.2f} MB, {totals['requests']} requests"
-        )
-        if False:  # a generator: the runtime materializations above are the asset's only ones
-            yield
 
-    return _grib
+def _ingest_batch(context: AssetExecutionContext, model: Model, asset_key: AssetKey, requested: list,
+                  layout: CacheLayout, noaa: NoaaSourceResource, retry_delays_s: tuple[float, ...],
+                  failures: dict[str, str]) -> Iterator[tuple[str, str, int, IngestReport | None]]:
+    """IngestGrib over a batch: yields (partition key, run, hour, report) for every hour that
+    landed, the moment it landed (report None: committed by an earlier attempt of this run's
+    lineage); failed hours end up in `failures`. Transient trouble is tried again after
+    `retry_delays_s`; a full disk stops the batch."""
+    settings = noaa.source_settings()
+    totals: dict[str, int] = defaultdict(int)
+    done = _committed_in_lineage(context, model, asset_key, requested, layout)
+    if done:
+        context.log.info(f"{len(done)} of {len(requested)} hours were committed by an earlier attempt; not fetched again")
+        for key, run, hour in requested:
+            if key in done:
+                yield key, run, hour, None
+    pending = [r for r in requested if r[0] not in done]
+    with noaa.client() as client:
+        for attempt, delay in enumerate((0.0, *retry_delays_s)):
+            if not pending:
+                break
+            if attempt:
+                wait = delay * random.uniform(0.75, 1.25)
+                context.log.warning(f"{len(pending)} hours failed on transient trouble; trying them again in "
+                                    f"{wait:.0f} s (attempt {attempt + 1} of {len(retry_delays_s) + 1})")
+                time.sleep(wait)
+            retry: list = []
+            keys = {(run, hour): key for key, run, hour in pending}
+            disk_full = False
+            batch = ingest_hours(
+                model.name, [(run, hour) for _k, run, hour in pending], hours_at_once=noaa.hours_at_once,
+                cache=layout, client=client, settings=settings, allow_full_download=noaa.allow_full_download,
+            )
+            with batch:
+                for i, (run, hour, result) in enumerate(batch, start=1):
+                    key = keys[(run, hour)]
+                    if isinstance(result, BaseException):
+                        failures[str(key)] = f"{type(result).__name__}: {result}"
+                        context.log.error(f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d} failed: {result}")
+                        if isinstance(result, CacheWriteError):
+                            # a full disk fails every later hour too: start no more, retry none
+                            disk_full = True
+                            for r, h in batch.cancel_pending():
+                                failures[str(keys[(r, h)])] = "not attempted: the cache could not be written"
+                        elif is_transient(result):
+                            retry.append((key, run, hour))
+                        continue
+                    failures.pop(str(key), None)
+                    # Recorded now, hour by hour: a later failure or a killed worker cannot undo it.
+                    context.log_event(AssetMaterialization(asset_key=asset_key, partition=str(key),
+                                                           metadata=ingest_metadata(result)))
+                    close_tickets(layout, model.name, run, hour, (REFETCH,))
+                    totals["bytes"] += result.bytes_fetched
+                    totals["requests"] += result.requests
+                    context.log.info(
+                        f"[{i}/{len(pending)}] {model.name} {run} f{hour:03d}: {len(result.variables)} variables, "
+                        f"{result.message_bytes / 1e6:.2f} MB in {result.requests} requests from {result.source}"
+                        + (f" ({result.index})" if result.index != "remote .idx" else "")
+                    )
+                    yield str(key), run, hour, result
+            pending = [] if disk_full else retry
+    context.log.info(f"{model.name}: {len(requested)} hours, {totals['bytes'] / 1e6:.2f} MB, {totals['requests']} requests")
 
 
 def tile_metadata(report: HourTiles, preview: str | None, freed: int) -> dict:
@@ -267,77 +263,179 @@ def tile_metadata(report: HourTiles, preview: str | None, freed: int) -> dict:
     }
 
 
-def build_tile_asset(model: Model) -> AssetsDefinition:
-    key = AssetKey(tile_asset_name(model.name))
-    grib_key = AssetKey(grib_asset_name(model.name))
-    catalog = load_catalog()
-    regions = ", ".join(f"{t.region} at {t.res:g} deg" for t in targets_for(model.name, catalog))
+class _TileBatch:
+    """BuildTile over the hours of a batch, one hour at a time as its GRIBs are ready."""
 
-    @asset(
-        name=key.path[-1],
-        group_name=model.name,
-        partitions_def=model_partitions(model),
-        deps=[grib_key],
-        backfill_policy=BackfillPolicy.single_run(),
-        check_specs=tile_check_specs(key),
-        kinds={"numpy"},
-        output_required=False,
-        description=(
-            f"{model.title}: regional NPZ tiles with JSON sidecars ({regions}) at "
-            f"cache/tiles/{{region}}/{{res}}deg/{model.name}/{{run}}/{{variable}}/tile_{{hour:03d}}.npz, "
-            "and the run tiles {variable}.npz stacking every hour present."
-        ),
-        tags={"model": model.name, "task": "build_tile"},
-    )
-    def _tiles(context: AssetExecutionContext, cache: CacheResource, tiling: TileSettings):
-        requested = _validated(context, model)
-        layout = cache.layout()
-        keep = tiling.keeps_gribs(model)
-        reports: list[HourTiles] = []
-        failures: dict[str, str] = {}
-        latest = latest_materializations(context.instance, grib_key, [k for k, _r, _h in requested])
-        ingested = {(run, hour): recorded_md5(latest.get(pkey)) for pkey, run, hour in requested}
-        for i, (pkey, run, hour) in enumerate(requested, start=1):
+    def __init__(self, context: AssetExecutionContext, model: Model, catalog, key: AssetKey, layout: CacheLayout,
+                 tiling: TileSettings, failures: dict[str, str], refetch=None):
+        self.context, self.model, self.catalog, self.key, self.layout = context, model, catalog, key, layout
+        self.tiling, self.failures, self.refetch = tiling, failures, refetch
+        self.keep = tiling.keeps_gribs(model)
+        self.reports: list[HourTiles] = []
+        self.ingested: dict[tuple[str, int], dict[str, str] | None] = {}
+        self.disk_full = False
+
+    def build(self, pkey: str, run: str, hour: int, md5: dict[str, str] | None, label: str) -> None:
+        """Tile one hour whose GRIBs the ingest recorded with `md5`; failures are recorded.
+        A GRIB found corrupt at the decode is fetched again once (`refetch`), when this run can."""
+        model, layout = self.model, self.layout
+        self.ingested[(run, hour)] = md5
+        if self.disk_full:
+            self.failures[pkey] = "not attempted: the cache could not be written"
+            return
+        for attempt in (1, 2):
             try:
-                report = build_hour(model.name, run, hour, layout, method=tiling.method, catalog=catalog,
-                                    expected_md5=ingested[(run, hour)])
+                report = build_hour(model.name, run, hour, layout, method=self.tiling.method, catalog=self.catalog,
+                                    expected_md5=md5)
+                break
             except GribNeedsRefetch as exc:
+                if attempt == 1 and self.refetch is not None:
+                    self.context.log.warning(f"{label} {model.name} {run} f{hour:03d}: {exc}; fetching the hour again")
+                    md5 = self.refetch(pkey, run, hour)
+                    self.ingested[(run, hour)] = md5
+                    if md5 is not None:
+                        continue
                 # The GRIB changed on disk or is corrupt: quarantined; ScanSource fetches it again.
                 open_ticket(layout, model.name, run, hour, REFETCH, str(exc),
                             [str(exc.path)] + ([str(exc.quarantined)] if exc.quarantined else []))
-                failures[pkey] = f"{type(exc).__name__}: {exc}"
-                context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {exc}")
-                continue
+                self.failures[pkey] = f"{type(exc).__name__}: {exc}"
+                self.context.log.error(f"{label} {model.name} {run} f{hour:03d}: {exc}")
+                return
             except (TileError, ValueError, OSError) as exc:
-                failures[pkey] = f"{type(exc).__name__}: {exc}"
-                context.log.error(f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {exc}")
-                if isinstance(exc, CacheWriteError):
-                    failures.update({k: "not attempted: the cache could not be written"
-                                     for k, _r, _h in requested[i:]})
-                    break
-                continue
-            reports.append(report)
-            freed = 0 if keep else retire_gribs(layout, report)
-            preview = None
-            if report.results:
-                shown = next((r for r in report.results if r.variable == "t2m"), report.results[0])
-                with np.load(shown.path) as z:
-                    preview = preview_markdown(z["data"], f"{shown.variable} {shown.region} {shown.res:g} deg, "
-                                               f"{run} f{hour:03d}", model.variables[shown.variable].units)
-            context.log_event(AssetMaterialization(asset_key=key, partition=pkey,
-                                                   metadata=tile_metadata(report, preview, freed)))
-            close_tickets(layout, model.name, run, hour, (REBUILD,))
-            context.log.info(
-                f"[{i}/{len(requested)}] {model.name} {run} f{hour:03d}: {len(report.built)} tiles built, "
-                f"{len(report.unchanged)} unchanged" + (f", {freed / 1e6:.1f} MB of GRIB retired" if freed else "")
-            )
-        # Run tiles: once per (run, region, res, variable) of this batch, rewritten only when stale.
-        touched = {(rep.run, r.region, r.res, r.variable) for rep in reports for r in rep.results}
-        for run, region, res, variable in sorted(touched):
-            update_run_tile(layout, region, res, model.name, run, variable)
-        if failures:
-            raise _batch_failure(model, requested, failures, False, "BuildTile")
-        context.log.info(f"{model.name}: run tiles current for {len(touched)} run/region/resolution/variable sets")
-        yield from evaluate_tile_checks(model, catalog, reports, ingested)
+                self.failures[pkey] = f"{type(exc).__name__}: {exc}"
+                self.context.log.error(f"{label} {model.name} {run} f{hour:03d}: {exc}")
+                self.disk_full = isinstance(exc, CacheWriteError)
+                return
+        self.reports.append(report)
+        freed = 0 if self.keep else retire_gribs(layout, report)
+        preview = None
+        if report.results:
+            shown = next((r for r in report.results if r.variable == "t2m"), report.results[0])
+            with np.load(shown.path) as z:
+                preview = preview_markdown(z["data"], f"{shown.variable} {shown.region} {shown.res:g} deg, "
+                                           f"{run} f{hour:03d}", model.variables[shown.variable].units)
+        self.context.log_event(AssetMaterialization(asset_key=self.key, partition=pkey,
+                                                    metadata=tile_metadata(report, preview, freed)))
+        close_tickets(layout, model.name, run, hour, (REBUILD,))
+        self.context.log.info(
+            f"{label} {model.name} {run} f{hour:03d}: {len(report.built)} tiles built, "
+            f"{len(report.unchanged)} unchanged" + (f", {freed / 1e6:.1f} MB of GRIB retired" if freed else "")
+        )
 
-    return _tiles
+    def finish(self) -> list:
+        """Run tiles (once per run/region/res/variable of the batch, rewritten when stale); the
+        checks over what was built."""
+        touched = {(rep.run, r.region, r.res, r.variable) for rep in self.reports for r in rep.results}
+        for run, region, res, variable in sorted(touched):
+            update_run_tile(self.layout, region, res, self.model.name, run, variable)
+        self.context.log.info(f"{self.model.name}: run tiles current for {len(touched)} run/region/resolution/variable sets")
+        return evaluate_tile_checks(self.model, self.catalog, self.reports, self.ingested) if self.reports else []
+
+
+def build_model_assets(model: Model, pool: str | None = None,
+                       retry_delays_s: tuple[float, ...] = DOWNLOAD_RETRY_DELAYS_S) -> AssetsDefinition:
+    """The GRIB asset (IngestGrib) and the tile asset (BuildTile) of one model, as one subsettable
+    step: a run that selects both fetches each hour and tiles it as soon as it lands, in one
+    process (the ingest job, launched by ScanSource); a run of one of them does only that."""
+    grib_key, tile_key = AssetKey(grib_asset_name(model.name)), AssetKey(tile_asset_name(model.name))
+    catalog = load_catalog()
+    partitions = model_partitions(model)
+    regions = ", ".join(f"{t.region} at {t.res:g} deg" for t in targets_for(model.name, catalog))
+    specs = [
+        AssetSpec(
+            grib_key, group_name=model.name, partitions_def=partitions, kinds={"grib2"}, skippable=True,
+            tags={"model": model.name, "task": "ingest_grib"},
+            description=(
+                f"{model.title}: the default variables of each forecast hour as GRIB2 subsets, fetched by .idx "
+                f"byte ranges, at cache/gribs/{model.name}/{{run}}/{{variable}}/grib_{{hour:03d}}.grib2."
+            ),
+        ),
+        AssetSpec(
+            tile_key, group_name=model.name, partitions_def=partitions, kinds={"numpy"}, skippable=True,
+            deps=[grib_key], tags={"model": model.name, "task": "build_tile"},
+            description=(
+                f"{model.title}: regional NPZ tiles with JSON sidecars ({regions}) at "
+                f"cache/tiles/{{region}}/{{res}}deg/{model.name}/{{run}}/{{variable}}/tile_{{hour:03d}}.npz, "
+                "and the run tiles {variable}.npz stacking every hour present."
+            ),
+        ),
+    ]
+
+    @multi_asset(
+        name=f"{model.name}_grib_and_tiles",
+        specs=specs,
+        check_specs=tile_check_specs(tile_key),
+        can_subset=True,
+        backfill_policy=BackfillPolicy.single_run(),
+        pool=pool,
+        op_tags={"model": model.name},
+    )
+    def _assets(context: AssetExecutionContext, cache: CacheResource, noaa: NoaaSourceResource, tiling: TileSettings):
+        requested = _validated(context, model)
+        layout = cache.layout()
+        selected = context.selected_asset_keys
+        grib_failures: dict[str, str] = {}
+        tile_failures: dict[str, str] = {}
+        tiles = None
+        if tile_key in selected:
+            refetch = None
+            if grib_key in selected:
+                def refetch(pkey: str, run: str, hour: int) -> dict[str, str] | None:
+                    again = list(_ingest_batch(context, model, grib_key, [(pkey, run, hour)], layout, noaa, (),
+                                               grib_failures))
+                    return {v.variable: v.md5 for v in again[0][3].variables} if again and again[0][3] else None
+            tiles = _TileBatch(context, model, catalog, tile_key, layout, tiling, tile_failures, refetch)
+        if grib_key in selected:
+            todo = requested
+            if tiles is not None:
+                # hours an earlier attempt of this lineage tiled (their GRIBs may be retired since)
+                tiled = _tiled_in_lineage(context, tile_key, requested)
+                if tiled:
+                    context.log.info(f"{len(tiled)} of {len(requested)} hours were fetched and tiled by an earlier "
+                                     "attempt; not done again")
+                todo = [r for r in requested if r[0] not in tiled]
+            landed = []
+            for pkey, run, hour, report in _ingest_batch(context, model, grib_key, todo, layout, noaa,
+                                                         retry_delays_s, grib_failures):
+                landed.append((pkey, run, hour, report))
+                if tiles is not None and report is not None:
+                    # tiled as it lands: the next hours download meanwhile
+                    tiles.build(pkey, run, hour, {v.variable: v.md5 for v in report.variables},
+                                f"[{len(landed)}/{len(requested)}]")
+            if tiles is not None:
+                # hours an earlier attempt committed: their md5s are in Dagster
+                earlier = [(k, r, h) for k, r, h, rep in landed if rep is None]
+                latest = latest_materializations(context.instance, grib_key, [k for k, _r, _h in earlier])
+                for k, r, h in earlier:
+                    tiles.build(k, r, h, recorded_md5(latest.get(k)), "[earlier]")
+        elif tiles is not None:
+            latest = latest_materializations(context.instance, grib_key, [k for k, _r, _h in requested])
+            for i, (pkey, run, hour) in enumerate(requested, start=1):
+                tiles.build(pkey, run, hour, recorded_md5(latest.get(pkey)), f"[{i}/{len(requested)}]")
+        checks = tiles.finish() if tiles is not None else []
+        if grib_failures:
+            # Only transient trouble (the network, a server's 5xx) was tried again: a mismatched
+            # message, a full disk or an unpublished hour will not change in a minute. The hours
+            # that landed are materialized already.
+            raise _batch_failure(model, requested, grib_failures, False, "IngestGrib")
+        if tile_failures:
+            raise _batch_failure(model, requested, tile_failures, False, "BuildTile")
+        yield from checks
+
+    return _assets
+
+
+def grib_only(model: Model, **kwargs) -> dict:
+    """`materialize(**grib_only(model), ...)`: the model's assets, the GRIB asset selected (IngestGrib alone)."""
+    return {"assets": [build_model_assets(model, **kwargs)], "selection": [AssetKey(grib_asset_name(model.name))]}
+
+
+def tiles_only(model: Model) -> dict:
+    """`materialize(**tiles_only(model), ...)`: the tile asset and its checks (BuildTile from cached GRIBs)."""
+    return {"assets": [build_model_assets(model)], "selection": [AssetKey(tile_asset_name(model.name))]}
+
+
+def grib_and_tiles(model: Model, **kwargs) -> dict:
+    """`materialize(**grib_and_tiles(model), ...)`: both, one step, as the ingest job runs them."""
+    return {"assets": [build_model_assets(model, **kwargs)],
+            "selection": [AssetKey(grib_asset_name(model.name)), AssetKey(tile_asset_name(model.name))]}

@@ -3,9 +3,11 @@
 | task type   | Dagster                                                               |
 |-------------|-----------------------------------------------------------------------|
 | ScanSource  | sensor `{model}_scan_source` (it launches `{model}_ingest_grib` runs)  |
-| IngestGrib  | job `{model}_ingest_grib` (asset `{model}_grib`)                       |
+| IngestGrib  | job `{model}_ingest_grib` (assets `{model}_grib`, then `{model}_tiles` |
+|             | of each hour as it lands: one run, one process per batch)              |
 | BuildTile   | job `{model}_build_tile` (asset `{model}_tiles`), launched by sensor   |
-|             | `{model}_tiles_follow_gribs`                                           |
+|             | `{model}_tiles_follow_gribs` for GRIBs that arrived another way, and   |
+|             | for repairs                                                            |
 | PruneCache  | job `prune_cache`, schedule `prune_cache_schedule`                      |
 
 A job per model because an asset job has one partitions definition and each model has its own
@@ -44,11 +46,13 @@ def _without_verification(asset_name: str) -> AssetSelection:
 
 
 def build_ingest_job(model: Model):
+    """IngestGrib, and BuildTile of what it fetched, in one run (one process start per batch):
+    the model's two assets are one subsettable step that tiles each hour as it lands."""
     return define_asset_job(
         ingest_job_name(model.name),
-        selection=_without_verification(grib_asset_name(model.name)),
+        selection=_without_verification(grib_asset_name(model.name)) | _without_verification(tile_asset_name(model.name)),
         tags={TASK_TAG: "ingest_grib", MODEL_TAG: model.name},
-        description=f"IngestGrib for {model.name}: fetch forecast hours as GRIB2 subsets.",
+        description=f"IngestGrib for {model.name}: fetch forecast hours as GRIB2 subsets and tile each as it lands.",
     )
 
 

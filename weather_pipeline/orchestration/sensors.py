@@ -38,7 +38,7 @@ from weather_pipeline.core.scan import (
     save_availability,
     settled_availability,
 )
-from weather_pipeline.orchestration.assets import grib_asset_name
+from weather_pipeline.orchestration.assets import grib_asset_name, latest_materializations, tile_asset_name
 from weather_pipeline.orchestration.jobs import (
     MODEL_TAG,
     PRIORITY_TAG,
@@ -230,14 +230,16 @@ def build_scan_source_sensor(model: Model, ingest_job) -> SensorDefinition:
 
 def build_tiles_follow_gribs_sensor(model: Model, tile_job) -> SensorDefinition:
     grib_key = AssetKey(grib_asset_name(model.name))
+    tile_key = AssetKey(tile_asset_name(model.name))
 
     @sensor(
         name=f"{model.name}_tiles_follow_gribs",
         target=tile_job,
         minimum_interval_seconds=5,
         default_status=DefaultSensorStatus.RUNNING,
-        description=(f"Requests {tile_job.name} for every batch of newly materialized {model.name} GRIB hours, "
-                     "and for hours whose damaged tiles must be rebuilt (repair tickets)."),
+        description=(f"Requests {tile_job.name} for batches of {model.name} GRIB hours that their own run did not "
+                     "tile (GRIBs materialized alone, tiles that failed), once that run has ended, and for hours "
+                     "whose damaged tiles must be rebuilt (repair tickets)."),
     )
     def _follow(context: SensorEvaluationContext, cache: CacheResource):
         after = int(context.cursor or 0)
@@ -249,10 +251,27 @@ def build_tiles_follow_gribs_sensor(model: Model, tile_job) -> SensorDefinition:
             return SkipReason("no new GRIB materializations, no tiles to rebuild")
         now = utcnow()
         by_run: dict[str, set[int]] = {}
+        # A run may tile its own GRIBs (the ingest job does, hour by hour): wait while a run that
+        # wrote GRIBs is in flight (the cursor stops before its first one), then follow only the
+        # hours with no tile materialized since their GRIB (a GRIB-only run, or a tile that
+        # failed in the run).
+        follow, last_id = [], after
+        in_flight: dict[str, bool] = {}
         for rec in records:
+            if rec.run_id not in in_flight:
+                dagster_run = context.instance.get_run_by_id(rec.run_id)
+                in_flight[rec.run_id] = dagster_run is not None and dagster_run.status in IN_FLIGHT
+            if in_flight[rec.run_id]:
+                break
+            follow.append(rec)
+            last_id = rec.storage_id
+        tiled = latest_materializations(context.instance, tile_key, sorted({r.partition_key for r in follow}))
+        for rec in follow:
+            done = tiled.get(rec.partition_key)
+            if done is not None and done.storage_id > rec.storage_id:
+                continue
             run, hour = parse_partition_key(rec.partition_key)
             by_run.setdefault(run, set()).add(hour)
-        last_id = max((rec.storage_id for rec in records), default=after)
         requests = [
             RunRequest(
                 run_key=f"tiles:{model.name}:{run}:{batch[0]:03d}-{batch[-1]:03d}:{last_id}",
@@ -266,6 +285,11 @@ def build_tiles_follow_gribs_sensor(model: Model, tile_job) -> SensorDefinition:
                 run_key=f"rebuild:{model.name}:{ticket.run}:{ticket.hour:03d}:{ticket.opened_at}",
                 tags=batch_tags(model, ticket.run, [ticket.hour], "build_tile", run_priority(ticket.run, now)),
             ))
+        if not requests:
+            return SensorResult(skip_reason=SkipReason(
+                f"{len(follow)} new GRIB materializations, all tiled by their own runs"
+                + ("; waiting for a run still writing GRIBs" if len(follow) < len(records) else "")), cursor=str(last_id))
         return SensorResult(run_requests=requests, cursor=str(last_id))
 
     return _follow
+

@@ -6,7 +6,7 @@ import pytest
 from dagster import AssetKey, DagsterInstance, MultiPartitionKey, materialize
 
 from weather_pipeline.core.catalog import InvalidRequest, load_catalog
-from weather_pipeline.orchestration.assets import build_grib_asset
+from weather_pipeline.orchestration.assets import grib_only
 from weather_pipeline.orchestration.partitions import model_partitions, parse_partition_key, partition_key
 from weather_pipeline.orchestration.resources import parse_rate_limits, resources_from_env
 from weather_pipeline_tests.mirror_fixtures import HRRR_RUN
@@ -41,13 +41,13 @@ def _resources(mirror, tmp_path):
 def test_a_range_of_hours_is_one_run_with_metadata_per_partition(mirror, tmp_path):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    asset = build_grib_asset(load_catalog().model("hrrr"))
+    asset = grib_only(load_catalog().model("hrrr"))
     result = materialize(
-        [asset], instance=instance, resources=_resources(mirror, tmp_path),
+        **asset, instance=instance, resources=_resources(mirror, tmp_path),
         tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))},
     )
     assert result.success
-    mats = result.asset_materializations_for_node("hrrr_grib")
+    mats = result.asset_materializations_for_node("hrrr_grib_and_tiles")
     assert sorted(m.partition for m in mats) == [str(partition_key(HRRR_RUN, h)) for h in (0, 1, 2)]
     by_hour = {parse_partition_key(m.partition)[1]: m.metadata for m in mats}
     assert by_hour[0]["md5"].value != by_hour[1]["md5"].value  # per-partition, not shared
@@ -62,9 +62,9 @@ def test_a_range_of_hours_is_one_run_with_metadata_per_partition(mirror, tmp_pat
 def test_an_hour_outside_the_run_fails_naming_it(mirror, tmp_path):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", ["20260512_01"])
-    asset = build_grib_asset(load_catalog().model("hrrr"))
+    asset = grib_only(load_catalog().model("hrrr"))
     result = materialize(
-        [asset], instance=instance, resources=_resources(mirror, tmp_path),
+        **asset, instance=instance, resources=_resources(mirror, tmp_path),
         partition_key=str(MultiPartitionKey({"run": "20260512_01", "hour": "030"})), raise_on_error=False,
     )
     assert not result.success
@@ -78,9 +78,9 @@ def test_an_hour_outside_the_run_fails_naming_it(mirror, tmp_path):
 def test_an_unpublished_hour_fails_the_batch_and_names_the_hour(mirror, tmp_path):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    asset = build_grib_asset(load_catalog().model("hrrr"))
+    asset = grib_only(load_catalog().model("hrrr"))
     result = materialize(
-        [asset], instance=instance, resources=_resources(mirror, tmp_path),
+        **asset, instance=instance, resources=_resources(mirror, tmp_path),
         tags={RANGE_START: str(partition_key(HRRR_RUN, 2)), RANGE_END: str(partition_key(HRRR_RUN, 3))},
         raise_on_error=False,
     )
@@ -105,7 +105,7 @@ def test_a_retried_batch_does_not_fetch_again_what_an_earlier_attempt_committed(
     """A transient failure: only the failed hour is tried again; the hours that landed are kept."""
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    asset = build_grib_asset(load_catalog().model("hrrr"), retry_delays_s=(0.01,))
+    asset = grib_only(load_catalog().model("hrrr"), retry_delays_s=(0.01,))
     # hour 1's .idx fails more often than the client retries (2 attempts): one step failure
     mirror.faults.add("*wrfsfcf01.grib2.idx", "status", code=503, times=2)
     resources = resources_from_env({
@@ -113,7 +113,7 @@ def test_a_retried_batch_does_not_fetch_again_what_an_earlier_attempt_committed(
         "WEATHER_PIPELINE_CACHE": str(tmp_path / "cache"), "WEATHER_PIPELINE_HTTP_ATTEMPTS": "2",
         "WEATHER_PIPELINE_HTTP_BACKOFF_S": "0.01"})
     result = materialize(
-        [asset], instance=instance, resources=resources, raise_on_error=False,
+        **asset, instance=instance, resources=resources, raise_on_error=False,
         tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))},
     )
     assert result.success, [e.message for e in result.all_events if e.is_failure]

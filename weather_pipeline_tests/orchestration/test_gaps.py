@@ -8,7 +8,7 @@ from dagster import DagsterInstance, materialize
 from weather_pipeline.cli import main
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.orchestration import gaps
-from weather_pipeline.orchestration.assets import build_grib_asset
+from weather_pipeline.orchestration.assets import grib_only
 from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.resources import resources_from_env
 from weather_pipeline.orchestration.sensors import GAP_FILL_PRIORITY
@@ -23,7 +23,7 @@ def env(mirror, tmp_path):
                                     "WEATHER_PIPELINE_CACHE": str(tmp_path / "cache")})
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    assert materialize([build_grib_asset(load_catalog().model("hrrr"))], instance=instance, resources=resources,
+    assert materialize(**grib_only(load_catalog().model("hrrr")), instance=instance, resources=resources,
                        partition_key=str(partition_key(HRRR_RUN, 1))).success
     return instance, resources
 

@@ -11,7 +11,7 @@ from dagster import AssetKey, DagsterInstance, Definitions, materialize
 from weather_pipeline.core.cache import CacheLayout, sidecar_path
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.core.repairs import open_tickets
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset
+from weather_pipeline.orchestration.assets import grib_only, tiles_only
 from weather_pipeline.orchestration.integrity import build_cache_checks, build_verify_cache_job
 from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.resources import resources_from_env
@@ -33,11 +33,11 @@ def world(request, mirror, tmp_path, monkeypatch):
                                     "WEATHER_PIPELINE_CACHE": str(tmp_path / "cache"), "WEATHER_PIPELINE_KEEP_GRIBS": request.param})
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    grib, tiles = build_grib_asset(model), build_tile_asset(model)
+    grib, tiles = grib_only(model), tiles_only(model)
     for asset in (grib, tiles):
-        assert materialize([asset], instance=instance, resources=resources,
+        assert materialize(**asset, instance=instance, resources=resources,
                            tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1))}).success
-    defs = Definitions(assets=[grib, tiles], asset_checks=build_cache_checks(model),
+    defs = Definitions(assets=grib["assets"], asset_checks=build_cache_checks(model),
                        jobs=[build_verify_cache_job([model])], resources=resources)
     return instance, defs, resources, (grib, tiles), CacheLayout(tmp_path / "cache")
 
@@ -89,9 +89,9 @@ def test_damaged_files_are_named_quarantined_and_repaired(world):
     assert tickets == {(0, "refetch"), (1, "rebuild")}
 
     # Re-materialization repairs it: the GRIB hour fetched again, the tiles of hour 1 rebuilt.
-    assert materialize([grib], instance=instance, resources=resources,
+    assert materialize(**grib, instance=instance, resources=resources,
                        partition_key=str(partition_key(HRRR_RUN, 0))).success
-    assert materialize([tiles], instance=instance, resources=resources,
+    assert materialize(**tiles, instance=instance, resources=resources,
                        tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1))}).success
     assert lost.is_file() and tile.is_file() and side.is_file()
     assert open_tickets(layout, "hrrr") == []

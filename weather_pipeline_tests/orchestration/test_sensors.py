@@ -9,7 +9,7 @@ from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import load_catalog
 from weather_pipeline.core.scan import candidate_runs, load_availability
 from weather_pipeline.orchestration import sensors
-from weather_pipeline.orchestration.assets import build_grib_asset
+from weather_pipeline.orchestration.assets import grib_only
 from weather_pipeline.orchestration.jobs import build_ingest_job, build_tile_job
 from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.resources import resources_from_env
@@ -55,7 +55,7 @@ def test_new_run_adds_its_partition_and_one_batched_request(setup, mirror):
 def test_only_hours_neither_materialized_nor_in_flight_are_requested(setup):
     model, resources, scan, instance, _ = setup
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+    assert materialize(**grib_only(model), instance=instance, resources=resources,
                        partition_key=str(partition_key(HRRR_RUN, 0))).success
     (req,) = _tick(scan, instance, resources).run_requests
     assert (req.tags[RANGE_START], req.tags[RANGE_END]) == (str(partition_key(HRRR_RUN, 1)), str(partition_key(HRRR_RUN, 2)))
@@ -100,7 +100,7 @@ def test_tiles_follow_new_grib_materializations_in_batches(setup):
     follow = sensors.build_tiles_follow_gribs_sensor(model, build_tile_job(model))
     assert "no new GRIB" in _tick(follow, instance, resources).skip_message
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+    assert materialize(**grib_only(model), instance=instance, resources=resources,
                        tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))}).success
     result = _tick(follow, instance, resources)
     (req,) = result.run_requests
@@ -143,7 +143,7 @@ def test_a_refetch_ticket_requests_the_hour_again_even_when_materialized(setup):
     model, resources, scan, instance, layout = setup
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
     for h in (0, 1, 2):
-        assert materialize([build_grib_asset(model)], instance=instance, resources=resources,
+        assert materialize(**grib_only(model), instance=instance, resources=resources,
                            partition_key=str(partition_key(HRRR_RUN, h))).success
     assert not _tick(scan, instance, resources).run_requests  # everything is in
     open_ticket(layout, "hrrr", HRRR_RUN, 1, "refetch", "md5 changed on disk")

@@ -9,7 +9,7 @@ from dagster import DagsterInstance, DagsterRun, DagsterRunStatus, build_sensor_
 
 from weather_pipeline.core.cache import CacheLayout
 from weather_pipeline.core.catalog import load_catalog
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset
+from weather_pipeline.orchestration.assets import grib_only, tiles_only
 from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.resources import resources_from_env
 from weather_pipeline.orchestration.status import deep_status, deep_status_sensor
@@ -50,13 +50,13 @@ def world(mirror, tmp_path, monkeypatch, stack):
     (tmp_path / "home").mkdir()
     instance = stack.enter_context(instance_for_test(overrides=overrides, temp_dir=str(tmp_path / "home")))
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    assets = [build_grib_asset(model), build_tile_asset(model)]
+    assets = [grib_only(model), tiles_only(model)]
     for one, task in zip(assets, ("ingest_grib", "build_tile")):  # the ingest run, then the tile run
-        ok = materialize([one], instance=instance, resources=resources,
+        ok = materialize(**one, instance=instance, resources=resources,
                          tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 1)),
                                "model": "hrrr", "run": HRRR_RUN, "task": task})
         assert ok.success
-    bad = materialize([assets[0]], instance=instance, resources=resources, raise_on_error=False,
+    bad = materialize(**assets[0], instance=instance, resources=resources, raise_on_error=False,
                       tags={"dagster/partition": str(partition_key(HRRR_RUN, 3)), "model": "hrrr", "run": HRRR_RUN,
                             "task": "ingest_grib"}, partition_key=str(partition_key(HRRR_RUN, 3)))
     assert not bad.success

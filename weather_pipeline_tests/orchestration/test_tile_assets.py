@@ -10,7 +10,7 @@ from dagster import AssetCheckKey, AssetKey, DagsterInstance, materialize
 
 from weather_pipeline.core.cache import CacheLayout, sidecar_path
 from weather_pipeline.core.catalog import load_catalog
-from weather_pipeline.orchestration.assets import build_grib_asset, build_tile_asset
+from weather_pipeline.orchestration.assets import grib_only, tiles_only
 from weather_pipeline.orchestration.partitions import partition_key
 from weather_pipeline.orchestration.resources import resources_from_env
 from weather_pipeline_tests.mirror_fixtures import GFS_RUN, HRRR_RUN
@@ -19,15 +19,13 @@ RANGE_START, RANGE_END = "dagster/asset_partition_range_start", "dagster/asset_p
 
 
 def _run(instance, assets, resources, run, first, last):
-    """Materialize each asset in its own run, upstream first, as the ingest and tile jobs do.
-
-    (One run of both would skip the tiles: the GRIB asset records each hour itself and yields no
-    output for a downstream step to wait on; see orchestration/assets.py.)
-    """
+    """Materialize each selection in its own run, upstream first, as GRIBs fetched by hand and
+    then tiled by the tiles sensor are. (The ingest job runs both in one step, hour by hour:
+    `test_one_run_ingests_and_tiles_each_hour_as_it_lands`.)"""
     result = None
     for one in assets:
         result = materialize(
-            [one], instance=instance, resources=resources, raise_on_error=False,
+            **one, instance=instance, resources=resources, raise_on_error=False,
             tags={RANGE_START: str(partition_key(run, first)), RANGE_END: str(partition_key(run, last))},
         )
         if not result.success:
@@ -50,7 +48,7 @@ def test_hrrr_tiles_sidecars_run_tile_and_checks(env):
     model = load_catalog().model("hrrr")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    result = _run(instance, [build_grib_asset(model), build_tile_asset(model)], make(WEATHER_PIPELINE_KEEP_GRIBS="hrrr"), HRRR_RUN, 0, 2)
+    result = _run(instance, [grib_only(model), tiles_only(model)], make(WEATHER_PIPELINE_KEEP_GRIBS="hrrr"), HRRR_RUN, 0, 2)
     assert result.success
 
     tile = layout.tile_path("conus", 0.05, "hrrr", HRRR_RUN, "t2m", 1)
@@ -74,7 +72,7 @@ def test_hrrr_tiles_sidecars_run_tile_and_checks(env):
     run_meta = json.loads(sidecar_path(run_tile).read_text())
     assert set(run_meta["source_grib_md5"]) == {"0", "1", "2"}
 
-    mats = {m.partition: m.metadata for m in result.asset_materializations_for_node("hrrr_tiles")}
+    mats = {m.partition: m.metadata for m in result.asset_materializations_for_node("hrrr_grib_and_tiles")}
     one = mats[str(partition_key(HRRR_RUN, 1))]
     assert one["tiles_built"].value == 18 and "data:image/png;base64," in one["preview"].value
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
@@ -89,14 +87,14 @@ def test_unchanged_source_is_not_rebuilt_and_a_changed_one_is(env):
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("gfs_runs", [GFS_RUN])
     resources = make(WEATHER_PIPELINE_KEEP_GRIBS="all")
-    grib_asset, tile_asset = build_grib_asset(model), build_tile_asset(model)
+    grib_asset, tile_asset = grib_only(model), tiles_only(model)
     assert _run(instance, [grib_asset, tile_asset], resources, GFS_RUN, 0, 1).success
     tile = layout.tile_path("west_europe", 0.25, "gfs", GFS_RUN, "t2m", 1)
     first = json.loads(sidecar_path(tile).read_text())["generated_at"]
     mtime = tile.stat().st_mtime_ns
 
     again = _run(instance, [tile_asset], resources, GFS_RUN, 1, 1)
-    (m,) = again.asset_materializations_for_node("gfs_tiles")
+    (m,) = again.asset_materializations_for_node("gfs_grib_and_tiles")
     assert m.metadata["status"].value.startswith("unchanged") and m.metadata["tiles_built"].value == 0
     assert tile.stat().st_mtime_ns == mtime
 
@@ -128,7 +126,7 @@ def test_unchanged_source_is_not_rebuilt_and_a_changed_one_is(env):
         asset_key="gfs_grib", partition=str(partition_key(GFS_RUN, 1)), metadata={"md5": {**md5, "t2m": md5_file(grib_path)}}))
     rebuilt = _run(instance, [tile_asset], resources, GFS_RUN, 1, 1)
     assert rebuilt.success
-    (m,) = rebuilt.asset_materializations_for_node("gfs_tiles")
+    (m,) = rebuilt.asset_materializations_for_node("gfs_grib_and_tiles")
     assert m.metadata["tiles_built"].value >= 1
     assert json.loads(sidecar_path(tile).read_text())["generated_at"] >= first
     checks = {e.asset_check_key.name: e.passed for e in rebuilt.get_asset_check_evaluations()}
@@ -140,13 +138,13 @@ def test_gribs_are_retired_once_tiled_unless_kept(env):
     model = load_catalog().model("gfs")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("gfs_runs", [GFS_RUN])
-    assert _run(instance, [build_grib_asset(model), build_tile_asset(model)], make(), GFS_RUN, 0, 0).success
+    assert _run(instance, [grib_only(model), tiles_only(model)], make(), GFS_RUN, 0, 0).success
     assert layout.grib_paths_for_hour("gfs", GFS_RUN, 0) == {}
     (m,) = [x for x in instance.fetch_materializations(AssetKey("gfs_tiles"), limit=5).records]
     assert m.asset_materialization.metadata["gribs_deleted_bytes"].value > 0
     assert layout.tile_path("conus", 0.25, "gfs", GFS_RUN, "mslp", 0).is_file()
     # Re-running the tiles with the GRIBs gone keeps the tiles (nothing to rebuild from, nothing lost).
-    again = _run(instance, [build_tile_asset(model)], make(), GFS_RUN, 0, 0)
+    again = _run(instance, [tiles_only(model)], make(), GFS_RUN, 0, 0)
     assert again.success
     assert instance.get_latest_asset_check_evaluation_record(AssetCheckKey(AssetKey("gfs_tiles"), "sidecar_md5_matches_grib")).event.asset_check_evaluation.passed
 
@@ -156,7 +154,37 @@ def test_tiles_without_gribs_fail_naming_the_missing_file(env):
     model = load_catalog().model("hrrr")
     instance = DagsterInstance.ephemeral()
     instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
-    result = _run(instance, [build_tile_asset(model)], make(), HRRR_RUN, 0, 0)
+    result = _run(instance, [tiles_only(model)], make(), HRRR_RUN, 0, 0)
     assert not result.success
     (failure,) = [e for e in result.all_events if e.is_step_failure]
     assert "no GRIB subset in the cache" in failure.step_failure_data.user_failure_data.description
+
+
+def test_one_run_ingests_and_tiles_each_hour_as_it_lands(env):
+    """The ingest job's shape: one run, one step, GRIB and tile materializations of every hour,
+    the checks evaluated, and the tiles sensor leaves those hours alone."""
+    from weather_pipeline.orchestration.assets import grib_and_tiles
+    from weather_pipeline.orchestration.jobs import build_tile_job
+    from weather_pipeline.orchestration.sensors import build_tiles_follow_gribs_sensor
+    from dagster import build_sensor_context
+
+    make, layout = env
+    model = load_catalog().model("hrrr")
+    instance = DagsterInstance.ephemeral()
+    instance.add_dynamic_partitions("hrrr_runs", [HRRR_RUN])
+    result = materialize(**grib_and_tiles(model), instance=instance, resources=make(), raise_on_error=False,
+                         tags={RANGE_START: str(partition_key(HRRR_RUN, 0)), RANGE_END: str(partition_key(HRRR_RUN, 2))})
+    assert result.success
+    assert len({e.step_key for e in result.all_events if e.step_key}) == 1  # one step
+    for asset in ("hrrr_grib", "hrrr_tiles"):
+        got = {str(k) for k in instance.get_materialized_partitions(AssetKey(asset))}
+        assert got == {str(partition_key(HRRR_RUN, h)) for h in (0, 1, 2)}, asset
+    checks = {e.check_name: e.passed for e in result.get_asset_check_evaluations()}
+    assert checks and all(checks.values()), checks
+    assert layout.tile_path("conus", 0.05, "hrrr", HRRR_RUN, "t2m", 2).is_file()
+    assert not layout.grib_paths_for_hour("hrrr", HRRR_RUN, 1)  # retired once tiled (catalog default)
+    # the run's own tiles: nothing for the tiles sensor to do
+    follow = build_tiles_follow_gribs_sensor(model, build_tile_job(model))
+    # an ephemeral materialize runs as __ASSET_JOB with an asset selection of both keys
+    out = follow(build_sensor_context(instance=instance, resources=make()))
+    assert not out.run_requests, out.run_requests

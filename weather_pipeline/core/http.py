@@ -112,6 +112,10 @@ class CircuitOpen(Unreachable):
         self.until = until
 
 
+class Aborted(FetchError):
+    """The client was aborted (`HttpClient.abort`: the caller is being interrupted); not retried."""
+
+
 class RetryLater(FetchError):
     """The server asked to wait longer than the client may sleep; come back at `until`."""
 
@@ -338,6 +342,7 @@ class HttpClient:
         self.config = config or HttpConfig()
         self.stats = FetchStats()
         self._meter = threading.local()  # per-thread extra counters (`metered`)
+        self._aborted = threading.Event()
         self._sleep = sleep
         self._session = requests.Session()
         # Retries are ours (see module docstring), so the adapter must not retry by itself.
@@ -366,6 +371,16 @@ class HttpClient:
             yield meter
         finally:
             self._meter.stats = previous
+
+    def abort(self) -> None:
+        """Make every transfer of this client, in any thread, stop at its next chunk (`Aborted`):
+        an interrupt of the main thread (SIGTERM, Ctrl-C) must not wait for helper threads'
+        slow downloads. Aborted clients stay aborted."""
+        self._aborted.set()
+
+    def _check_abort(self, url: str) -> None:
+        if self._aborted.is_set():
+            raise Aborted(url, "aborted: the caller was interrupted")
 
     def current_meter(self) -> FetchStats | None:
         """The meter this thread counts in (`metered`), to hand to helper threads."""
@@ -419,6 +434,7 @@ class HttpClient:
 
     # -- one attempt each ----------------------------------------------------------------
     def _before_request(self, url: str) -> None:
+        self._check_abort(url)
         host = urlsplit(url).hostname or ""
         limit = self.config.rate_limits.get(host)
         waited = 0.0
@@ -552,6 +568,7 @@ class HttpClient:
         try:
             while True:
                 chunk = resp.raw.read1(CHUNK, decode_content=False)
+                self._check_abort(url)
                 if not chunk:
                     break
                 buf += chunk
@@ -639,6 +656,7 @@ class HttpClient:
             with open(dest, "wb") as fh:
                 while True:
                     chunk = resp.raw.read1(CHUNK, decode_content=False)
+                    self._check_abort(url)
                     if not chunk:
                         break
                     fh.write(chunk)

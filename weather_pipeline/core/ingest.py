@@ -311,6 +311,7 @@ class HourBatch:
 
     def __init__(self, model_name: str, hours: Sequence[tuple[str, int]], hours_at_once: int,
                  client: HttpClient, kwargs: dict):
+        self._client = client
         self._pool = ThreadPoolExecutor(max_workers=max(1, min(hours_at_once, len(hours))),
                                         thread_name_prefix="hours")
         self._futures = {self._pool.submit(ingest_hour, model_name, run, hour, client=client, **kwargs): (run, hour)
@@ -332,7 +333,9 @@ class HourBatch:
     def __enter__(self) -> "HourBatch":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        if exc_type is not None:  # interrupted, or the caller failed: in-flight downloads stop now
+            self._client.abort()
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -489,7 +492,11 @@ def _each(fn: Callable[[ByteRange], bytes], groups: Sequence[ByteRange], client:
     with ThreadPoolExecutor(max_workers=min(len(groups), client.config.max_connections_per_host),
                             thread_name_prefix="ranges") as pool:
         futures = [pool.submit(run, g) for g in groups]
-        wait(futures)
+        try:
+            wait(futures)
+        except BaseException:  # an interrupt (SIGTERM, Ctrl-C): the helpers stop at their next chunk
+            client.abort()
+            raise
     return [f.result() for f in futures]
 
 

@@ -275,3 +275,27 @@ def test_cancel_pending_starts_no_more_hours_but_reports_those_in_flight(mirror,
     # two in flight when the first ended (a third may have started as it finished): every hour
     # is either reported or cancelled, none both, and most were never started
     assert len(seen) + len(cancelled) == 6 and len(seen) <= 3 and len(seen) >= 2
+
+
+def test_an_interrupt_stops_the_helper_threads_downloads_at_once(mirror, tmp_path):
+    """SIGTERM/Ctrl-C reach the main thread only: leaving a batch early aborts the client, so
+    threads trickling a body in stop at their next chunk instead of running to the deadline."""
+    import time as _time
+
+    from weather_pipeline.core.http import Aborted
+    from weather_pipeline.core.ingest import ingest_hours
+
+    mirror.faults.add("*.grib2", "trickle", count=1, seconds=0.5, times=None)  # a byte every 0.5 s
+    settings = SourceSettings(order=("mirror",), mirror_url=mirror.url)
+    client = _client()
+    t0 = _time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        with ingest_hours("hrrr", [(HRRR_RUN, h) for h in (0, 1, 2)], hours_at_once=3, client=client,
+                          cache=CacheLayout(tmp_path), settings=settings, now=NOW) as batch:
+            while mirror.in_flight < 3:  # the ranges are trickling in
+                _time.sleep(0.05)
+            raise KeyboardInterrupt  # as Dagster's SIGTERM handler does in the main thread
+    assert _time.monotonic() - t0 < 20  # not the transfer deadline (60 s + size at 256 KB/s)
+    with pytest.raises(Aborted):
+        client.get_text(mirror.url + "/anything")
+    assert not _all_files(tmp_path / "gribs")

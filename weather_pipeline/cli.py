@@ -120,6 +120,20 @@ def _cmd_mirror_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_dir() -> Path:
+    """Where the `tile` command keeps regridding weights between calls (computing HRRR's for
+    conus at 0.05 deg takes longer than loading them): the cache's, when one is configured,
+    else the user's cache directory."""
+    import os
+
+    if os.environ.get("WEATHER_PIPELINE_CACHE"):
+        from weather_pipeline.core.cache import CacheLayout
+
+        return CacheLayout(Path(os.environ["WEATHER_PIPELINE_CACHE"])).weights_dir
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "weather-pipeline" / "weights"
+
+
 def _cmd_tile(args: argparse.Namespace) -> int:
     from weather_pipeline.core.grib import GribError  # eccodes: the tile needs it anyway
     from weather_pipeline.core.regrid import RegridError, TargetGrid
@@ -134,7 +148,7 @@ def _cmd_tile(args: argparse.Namespace) -> int:
     try:
         target = TargetGrid.parse_bbox(args.bbox, args.res)
         sidecar = tile_from_file(path, target, Path(args.output), method=args.method, search=args.search,
-                                 allow_empty=args.allow_empty)
+                                 allow_empty=args.allow_empty, cache_dir=_weights_dir())
     except (RegridError, TileError, GribError) as exc:
         raise UsageError(str(exc)) from None
     stats = sidecar["stats"]

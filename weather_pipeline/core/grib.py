@@ -24,7 +24,7 @@ from datetime import datetime, timezone
 from decimal import Decimal
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -1033,15 +1033,21 @@ def _grid_keys(handle: Any) -> dict[str, Any]:
     return keys
 
 
+#: the metadata `read_field` reads by default (a few ms: some are computed keys)
+METADATA_KEYS = ("shortName", "name", "units", "stepRange", "dataDate", "dataTime")
+
+
 def read_field(
-    data_or_path: bytes | bytearray | memoryview | str | Path, index: int = 0, *, describe_field: bool = True
+    data_or_path: bytes | bytearray | memoryview | str | Path, index: int = 0, *, describe_field: bool = True,
+    metadata_keys: Sequence[str] = METADATA_KEYS,
 ) -> Field:
     """Decode field number `index` (0-based, counting the fields of multi-field messages).
 
     Values come back as float32 shaped (Ny, Nx) in the file's scanning order (HRRR's rows run
     south to north, GFS's north to south), NaN where a bitmap masks points or where the
     packing's missing value appears. `describe_field=False` skips the metadata strings and the
-    inventory description (a few ms per field), for callers that only need values and grid.
+    inventory description (a few ms per field), for callers that only need values and grid;
+    `metadata_keys` narrows the strings read (e.g. just "units").
     """
     if isinstance(data_or_path, (str, Path)):
         source = str(data_or_path)
@@ -1055,12 +1061,12 @@ def read_field(
     for span in iter_message_spans(view, source=source):
         for message in _message_fields(view, span, source):
             if count == index:
-                return _decode_field(message, describe_field)
+                return _decode_field(message, describe_field, metadata_keys)
             count += 1
     raise IndexError(f"{source} holds {count} fields; there is no field {index}")
 
 
-def _decode_field(message: bytes, describe_field: bool = True) -> Field:
+def _decode_field(message: bytes, describe_field: bool = True, metadata_keys: Sequence[str] = METADATA_KEYS) -> Field:
     handle = eccodes.codes_new_from_message(message)
     try:
         grid = _grid_keys(handle)
@@ -1079,7 +1085,7 @@ def _decode_field(message: bytes, describe_field: bool = True) -> Field:
         if describe_field:
             metadata = {
                 key: eccodes.codes_get(handle, key)
-                for key in ("shortName", "name", "units", "stepRange", "dataDate", "dataTime")
+                for key in metadata_keys
                 if eccodes.codes_is_defined(handle, key)
             }
             if eccodes.codes_get(handle, "editionNumber", int) == 2:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+from concurrent.futures import ThreadPoolExecutor
 import time
 import warnings
 import zipfile
@@ -449,10 +450,13 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
         if not hits:
             raise TileError(f"{grib_path}: no message matches {search!r}")
         index = entries.index(hits[0])
-    try:
-        f = grib.read_field(data, index)
-    except (grib.GribError, IndexError) as exc:
-        raise TileError(f"cannot decode {grib_path}: {exc}") from None
+    # md5 while eccodes decodes: both release the GIL, so the hash costs no wall time
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        md5 = hasher.submit(md5_bytes, data)
+        try:
+            f = grib.read_field(data, index, metadata_keys=("units",))
+        except (grib.GribError, IndexError, eccodes.CodesInternalError) as exc:
+            raise TileError(f"cannot decode {grib_path}: {exc}") from None
     source = SourceGrid(f.grid_keys)
     if cache_dir is None:
         from weather_pipeline.core.regrid import compute_weights
@@ -468,7 +472,7 @@ def tile_from_file(grib_path: Path, target: TargetGrid, out: Path, *, method: st
                         "write it anyway)")
     sidecar = {
         "source_file": str(grib_path),
-        "source_grib_md5": md5_bytes(data),
+        "source_grib_md5": md5.result(),
         "message": str(f.inventory) if f.inventory else None,
         "units": f.metadata.get("units"),
         "region": "custom",
